@@ -1,0 +1,90 @@
+"""Writing and reading artifacts so that a killed job or an edited file is never trusted.
+
+Every file is written to a temporary name in the same directory, fsynced and renamed, so a
+reader sees either the old file or the whole new one. JSON artifacts carry a `checksum`
+(sha256 of their canonical content without that field) and a `format` tag; `read_json`
+verifies both and refuses, naming the file, anything truncated, edited or of another kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import UserError
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp_path)`, fsync the result and rename it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def checksum(obj: dict) -> str:
+    return hashlib.sha256(canonical({k: v for k, v in obj.items() if k != "checksum"}).encode()).hexdigest()
+
+
+def write_json(path: str | Path, obj: dict, fmt: str) -> dict:
+    """Write a checksummed JSON artifact atomically; returns what was written."""
+    obj = {"format": fmt, **{k: v for k, v in obj.items() if k not in ("format", "checksum")}}
+    obj["checksum"] = checksum(obj)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    return obj
+
+
+def read_json(path: str | Path, fmt: str) -> dict:
+    """Read a checksummed JSON artifact, refusing corrupt, edited or foreign files."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: missing artifact; run the stage that makes it first")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: corrupt artifact ({e.__class__.__name__}: {e}); delete it and rerun the stage") from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(f"{path}: not a {fmt} artifact (format={found!r}); check the path")
+    if obj.get("checksum") != checksum(obj):
+        raise UserError(f"{path}: checksum mismatch, the file was edited or damaged; delete it and rerun the stage")
+    return obj
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
