@@ -52,13 +52,13 @@ def cmd_prepare_model(a: argparse.Namespace) -> None:
 def cmd_sample_calibration(a: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    from .calibration import CalibrationSpec, sample_calibration
+    from .calibration import CalibrationSpec, draw_samples, sample_calibration
     from .sources import read_manifest
 
-    spec = CalibrationSpec(a.data, a.nsamples, a.seed, a.seqlen, a.mode, a.hub_config, a.split, a.text_field)
-    spec.validate()
+    spec = CalibrationSpec(a.data, a.nsamples, a.seed, a.seqlen, a.mode, a.hub_config, a.split, a.text_field, a.max_windows)
     read_manifest(a.model)
-    m = sample_calibration(spec, AutoTokenizer.from_pretrained(a.model), a.out)
+    sample = draw_samples(spec)
+    m = sample_calibration(spec, AutoTokenizer.from_pretrained(a.model), a.out, sample)
     log.info("calibration: %d samples -> %d windows, %d tokens -> %s", m["nsamples"], m["windows"], m["tokens"], a.out)
 
 
@@ -74,7 +74,7 @@ def cmd_step(a: argparse.Namespace) -> None:
     calib = load_calibration(a.calib)
     removed, _ = load_previous(a.prev, a.k, manifest["content_hash"], calib.hash, settings)
     check_budget(manifest["num_layers"], removed, settings, a.k)
-    model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map)
+    model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map, tokenizer=False)
     inputs = {"model": str(a.model), "model_hash": manifest["content_hash"], "calibration": str(a.calib),
               "calibration_hash": calib.hash, "previous_step": str(a.prev) if a.prev else None}
     record = search_step(PrunableModel.wrap(model), calib.windows, a.k, removed, settings, inputs, progress=not a.no_progress)
@@ -102,6 +102,74 @@ def cmd_perplexity(a: argparse.Namespace) -> None:
     pm.set_removed(a.remove.split(",") if a.remove else [])
     result = perplexity(pm, calib.windows, batch_size=a.batch_size, progress=not a.no_progress)
     print(json.dumps(result))
+
+
+def cmd_eval_ppl(a: argparse.Namespace) -> None:
+    from .evaluate import wikitext_perplexity, write_ppl
+
+    r = wikitext_perplexity(a.model, a.data, seqlen=a.seqlen, max_windows=a.max_windows, hub_config=a.hub_config,
+                            split=a.split, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
+                            progress=not a.no_progress)
+    write_ppl(a.out, r)
+    log.info("WikiText perplexity %.4f over %d windows of %d tokens -> %s", r["ppl"], r["windows"], r["seqlen"], a.out)
+
+
+def cmd_eval_tasks(a: argparse.Namespace) -> None:
+    from .evaluate import run_tasks, write_tasks
+
+    r = run_tasks(a.model, a.tasks, a.local_data, num_fewshot=a.num_fewshot, batch_size=a.batch_size, limit=a.limit,
+                  device=a.device, dtype=a.dtype)
+    write_tasks(a.out, r)
+    for name, t in r["tasks"].items():
+        log.info("%-14s %s %.4f (n=%d)", name, t["metric"], t["value"], t["n"])
+    log.info("average %.4f -> %s", r["average"], a.out)
+
+
+def cmd_materialize(a: argparse.Namespace) -> None:
+    from .export import check_decilm, materialize, to_decilm
+
+    if a.nemotron_nas:  # refuse before the work, not after
+        config = Path(a.model) / "config.json"
+        if config.exists():
+            check_decilm(json.loads(config.read_text(encoding="utf-8")))
+    s = materialize(a.model, a.step, a.out, method=a.method)
+    log.info("materialised K=%d (%s): %d -> %d layers (%d with attention), %d tensors / %d parameters removed, "
+             "%d -> %d parameters -> %s", s["k"], ",".join(s["removed"]), s["source_layers"], s["layers"],
+             s["attention_layers"], s["removed_tensors"], s["removed_params"], s["params_before"], s["params"], a.out)
+    if a.nemotron_nas:
+        to_decilm(a.out, a.nemotron_nas)
+        log.info("Nemotron-NAS (DeciLM) layout -> %s", a.nemotron_nas)
+
+
+def cmd_speed(a: argparse.Namespace) -> None:
+    from .speed import measure, write_speed
+
+    r = measure(a.model, a.baseline, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, repeats=a.repeats,
+                warmup=a.warmup, device=a.device, threads=a.threads)
+    write_speed(a.out, r)
+    for role in ("baseline", "model"):
+        if r[role]:
+            m = r[role]
+            log.info("%-8s %.4f s / %d tokens (median %.4f s, %.1f tok/s), prefill %.4f s, KV %d B/token, peak %d B [%s]",
+                     role, m["gen_mean_s"], a.new_tokens, m["gen_median_s"], m["tokens_per_s"], m["prefill_s"],
+                     m["kv_bytes_per_token"], m["peak_mem_bytes"], m["peak_mem_kind"])
+    if r["baseline"]:
+        log.info("speedup %.3fx, KV cache reduction %.1f%% -> %s", r["speedup"], 100 * r["kv_cache_reduction"], a.out)
+
+
+def cmd_sequence(a: argparse.Namespace) -> None:
+    from .summary import write_sequence
+
+    rows = write_sequence(a.out, a.steps)
+    log.info("removal sequence of %d steps (%s) -> %s", len(rows), ", ".join(r["removed_block"] for r in rows), a.out)
+
+
+def cmd_summarize(a: argparse.Namespace) -> None:
+    from .summary import summarize
+
+    rows = summarize(a.files, a.csv, a.markdown, ratio_of=a.ratio_of, plot_ppl=a.plot_ppl,
+                     plot_accuracy=a.plot_accuracy, plot_blocks=a.plot_blocks)
+    log.info("summary of %d evaluated models -> %s, %s", len(rows), a.csv, a.markdown)
 
 
 def cmd_architectures(a: argparse.Namespace) -> None:
@@ -135,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default: 2048)")
     p.add_argument("--mode", default="concat", help="concat (reference: join, cut into windows) or per-sample")
+    p.add_argument("--max-windows", type=int, default=None, help="keep only the first N windows (quick runs; default: all)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_sample_calibration)
 
@@ -163,6 +232,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     _progress_args(p)
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("eval-ppl", help="WikiText-2 perplexity of a prepared or pruned model -> results.json",
+                       description="Standard WikiText-2 perplexity: join the test rows with a blank line, tokenize once, "
+                                   "score non-overlapping windows of --seqlen tokens (remainder dropped).")
+    p.add_argument("--model", required=True, help="prepared or pruned model directory")
+    p.add_argument("--data", required=True, help="local test.rows.jsonl ({'text': row} per line) / .txt / .raw, or a hub "
+                                                 "data set id (wikitext)")
+    p.add_argument("--hub-config", default="wikitext-2-raw-v1", help="hub data set config (default: wikitext-2-raw-v1)")
+    p.add_argument("--split", default="test", help="hub split (default: test)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default: 2048)")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (quick runs)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if visible)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the model directory's dtype)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    p.add_argument("--out", required=True, help="output results .json")
+    _progress_args(p)
+    p.set_defaults(func=cmd_eval_ppl)
+
+    p = sub.add_parser("eval-tasks", help="lm-eval zero-shot accuracy (PIQA, WinoGrande, HellaSwag, ARC, OBQA) -> results.json",
+                       description="Run lm-evaluation-harness tasks on a prepared or pruned model. With --local-data the "
+                                   "offline copies of the tasks (same prompts and metrics) read that folder; without it the "
+                                   "built-in tasks download from the Hub. Reports acc_norm (acc for WinoGrande).")
+    p.add_argument("--model", required=True, help="prepared or pruned model directory")
+    p.add_argument("--tasks", default="piqa,winogrande,hellaswag,arc_easy,arc_challenge",
+                   help="comma-separated: piqa, winogrande, hellaswag, arc_easy, arc_challenge, openbookqa "
+                        "(default: the paper's five)")
+    p.add_argument("--local-data", default=None, help="folder with piqa/, winogrande/, arc/, openbookqa/, hellaswag/ "
+                                                      "(e.g. ../shared/data/evals); omit to read the Hub")
+    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default: 0)")
+    p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default: 1)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples per task (quick runs)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if visible)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the model directory's dtype)")
+    p.add_argument("--out", required=True, help="output results .json")
+    p.set_defaults(func=cmd_eval_tasks)
+
+    p = sub.add_parser("materialize", help="write the pruned model of a step artifact as a self-contained directory",
+                       description="Physically remove the blocks of step_<K>.json: their weights are deleted, layers with "
+                                   "both blocks removed are dropped, the rest renumbered. The directory loads with "
+                                   "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) or "
+                                   "blockpruner.load_pruned(DIR).")
+    p.add_argument("--model", required=True, help="prepared dense model directory the search ran on")
+    p.add_argument("--step", required=True, help="step_<K>.json whose removed blocks to materialise")
+    p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    p.add_argument("--method", default="blockpruner", help="method name recorded in config.json (default: blockpruner)")
+    p.add_argument("--nemotron-nas", default=None, metavar="DIR",
+                   help="also write the Nemotron-NAS (DeciLM) serving layout for vLLM / llama.cpp here (Llama family)")
+    p.set_defaults(func=cmd_materialize)
+
+    p = sub.add_parser("speed", help="greedy-generation speed and KV-cache size of a model vs its dense baseline",
+                       description="Time greedy generation with KV cache (fixed random prompt, batch 1) and count "
+                                   "KV-cache bytes per token and peak memory, for the model and the baseline in one run.")
+    p.add_argument("--model", required=True, help="prepared or materialised model directory")
+    p.add_argument("--baseline", default=None, help="dense model directory to compare with")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default: 64)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default: 128)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per model (default: 20)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default: 2)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if visible)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", required=True, help="output speed .json")
+    p.set_defaults(func=cmd_speed)
+
+    p = sub.add_parser("sequence", help="the removal sequence of step_<k>.json files as a CSV a person can read",
+                       description="One row per step: k, removed block, its type and layer, calibration perplexity, "
+                                   "attention / MLP blocks removed so far, pruning ratio.")
+    p.add_argument("steps", nargs="+", help="step_1.json ... step_K.json of one search (no gaps)")
+    p.add_argument("--out", required=True, help="output .csv")
+    p.set_defaults(func=cmd_sequence)
+
+    p = sub.add_parser("summarize", help="collect a study's evaluations into summary.csv / .md (paper's Table 1) + plots",
+                       description="FILES are the workflow's artifacts: search/<model>/<calib>/<method>/step_<k>.json "
+                                   "and eval/<model>/dense/<kind>.json or eval/<model>/<calib>/<method>/<pruning>/"
+                                   "<kind>.json with kind ppl, tasks or speed; labels come from these paths.")
+    p.add_argument("files", nargs="+", help="step and evaluation JSON artifacts")
+    p.add_argument("--csv", required=True, help="output table .csv (one row per evaluated model)")
+    p.add_argument("--markdown", required=True, help="output table .md")
+    p.add_argument("--ratio-of", default="all", choices=["all", "no_embed"],
+                   help="ratio of all parameters (default, the paper's) or of non-embedding ones; also resolves r<x> targets")
+    p.add_argument("--plot-ppl", default=None, help="output .png: WikiText-2 perplexity vs pruning ratio")
+    p.add_argument("--plot-accuracy", default=None, help="output .png: average accuracy vs pruning ratio")
+    p.add_argument("--plot-blocks", default=None, help="output .png: attention vs MLP blocks removed per step")
+    p.set_defaults(func=cmd_summarize)
 
     p = sub.add_parser("architectures", help="list supported model types")
     p.set_defaults(func=cmd_architectures)
