@@ -51,6 +51,12 @@ class Adapter:
     mlp: Branch = Branch("mlp", "post_attention_layernorm")
     text_config: str | None = None  # multimodal configs keep the decoder's settings here
     layer_returns_tuple: bool = False  # remote-code layers written for transformers 4.x
+    # config attributes holding one entry per decoder layer; a materialised (pruned) model keeps
+    # the entries of the layers it keeps (Gemma 2/3's sliding / full attention pattern, Qwen's)
+    per_layer_lists: tuple[str, ...] = ("layer_types",)
+    # the layer is Llama's exactly, so a pruned model can be written in the Nemotron-NAS
+    # (DeciLM) layout that vLLM and llama.cpp serve natively
+    nemotron_nas: bool = False
     notes: str = ""
 
     def branch(self, kind: str) -> Branch:
@@ -64,7 +70,7 @@ _GEMMA2_LIKE = dict(
 )
 
 ADAPTERS: dict[str, Adapter] = {
-    "llama": Adapter("llama", notes="Llama 2 / Llama 3 / 3.1 / 3.2"),
+    "llama": Adapter("llama", nemotron_nas=True, notes="Llama 2 / Llama 3 / 3.1 / 3.2"),
     "mistral": Adapter("mistral", notes="Mistral 7B"),
     "qwen2": Adapter("qwen2", notes="Qwen1.5 / Qwen2 / Qwen2.5"),
     "qwen3": Adapter("qwen3", notes="Qwen3 dense models"),

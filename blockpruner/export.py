@@ -1,0 +1,433 @@
+"""Materialise a search result: a model directory with the removed blocks physically gone.
+
+`materialize(model_dir, step_json, out_dir)` writes a standard transformers directory
+(safetensors, config.json, tokenizer, generation_config, manifest.json) in which
+
+- the K removed blocks have no tensors at all, and a layer whose two blocks are both removed
+  is dropped; the kept layers are renumbered 0..N-1 (`config.pruned_layers[j]` names the
+  source layer and the blocks it still has) and per-layer config lists such as Gemma 3's
+  `layer_types` follow them;
+- attention modules are renumbered among the remaining attention blocks, so the KV cache has
+  one slot per remaining attention block (see `pruned_modeling`);
+- the directory carries its own modeling code (`modeling_blockpruner.py`, named in
+  config.json's `auto_map`), so `AutoModelForCausalLM.from_pretrained(dir,
+  trust_remote_code=True)` loads it anywhere, and `load_pruned(dir)` loads it with no remote
+  code from the base transformers class plus the recorded pruning;
+- config.json's `pruning` records the source, the removed blocks in removal order, the method
+  and K.
+
+`to_decilm(pruned_dir, out_dir)` rewrites a pruned Llama-family model in NVIDIA's Nemotron-NAS
+(DeciLM) layout, which vLLM and llama.cpp serve natively.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import pruned_modeling
+from .adapters import Adapter, adapter_for
+from .blocks import KINDS, parse_block
+from .errors import UserError
+
+FORMAT = "blockpruner.pruned/1"
+MODELING_FILE = "modeling_blockpruner.py"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class KeptLayer:
+    """One decoder layer of the pruned model: where it came from and which blocks it has."""
+
+    source_layer: int
+    attn: bool
+    mlp: bool
+
+
+def plan_layers(num_layers: int, removed: list[str]) -> list[KeptLayer]:
+    """Kept layers in order; a layer with both blocks removed is left out."""
+    gone = set(removed)
+    if len(gone) != len(removed):
+        raise UserError(f"the removed block list names a block twice: {removed}")
+    for name in removed:
+        if parse_block(name)[1] >= num_layers:
+            raise UserError(f"block {name!r} does not exist: the model has {num_layers} layers")
+    plan = [KeptLayer(i, f"attn.{i}" not in gone, f"mlp.{i}" not in gone) for i in range(num_layers)]
+    plan = [k for k in plan if k.attn or k.mlp]
+    if not plan:
+        raise UserError("every block is removed; nothing is left to materialise")
+    return plan
+
+
+def base_classes(model) -> tuple[type, type]:
+    """The model's own transformers config and model classes (the pruned classes' bases)."""
+    import transformers
+
+    model_cls, config_cls = type(model), type(model.config)
+    if issubclass(model_cls, pruned_modeling.PrunedModelMixin):
+        raise UserError("the model is already materialised; materialise from the prepared dense model")
+    for cls in (model_cls, config_cls):
+        if getattr(transformers, cls.__name__, None) is not cls:
+            raise UserError(f"{cls.__name__} is not a transformers class (remote code); only architectures built "
+                            "into transformers can be materialised")
+    return config_cls, model_cls
+
+
+# -- the pruned config and tensors -------------------------------------------------------------
+def structure_record(adapter: Adapter, model) -> dict:
+    """What the pruned modeling code needs to know about the architecture, from the adapter."""
+    return {
+        "layers_path": adapter.layers,
+        "layer_returns_tuple": adapter.layer_returns_tuple,
+        "branches": {kind: {**asdict(adapter.branch(kind)), "parts": adapter.branch(kind).parts()} for kind in KINDS},
+        "base_architecture": type(model).__name__,
+        "base_config": type(model.config).__name__,
+    }
+
+
+def pruned_config(model, adapter: Adapter, plan: list[KeptLayer], pruning: dict):
+    """The pruned model's config: the source config with the kept layers' entries only."""
+    config_cls, model_cls = base_classes(model)
+    d = model.config.to_dict()
+    dec = d[adapter.text_config] if adapter.text_config else d
+    num_layers = dec["num_hidden_layers"]
+    dec["num_hidden_layers"] = len(plan)
+    for name in adapter.per_layer_lists:
+        values = dec.get(name)
+        if values is None:
+            continue
+        if not isinstance(values, list) or len(values) != num_layers:
+            raise UserError(f"config.{name} = {values!r} is not a list with one entry per layer ({num_layers})")
+        dec[name] = [values[k.source_layer] for k in plan]
+    d["pruned_layers"] = [asdict(k) for k in plan]
+    d["pruning"] = {"format": FORMAT, **pruning, **structure_record(adapter, model)}
+    d["architectures"] = ["BlockPrunerForCausalLM"]
+    d["auto_map"] = {"AutoConfig": f"{MODELING_FILE[:-3]}.BlockPrunerConfig",
+                     "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.BlockPrunerForCausalLM"}
+    cfg_cls, _ = pruned_modeling.make_classes(config_cls, model_cls)
+    return cfg_cls.from_dict(d)
+
+
+def pruned_tensors(model, adapter: Adapter, plan: list[KeptLayer]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors of the pruned model under their new names, and counts of what was left out.
+
+    Tied weights are stored once, under the name they are tied to (as save_pretrained does), and
+    re-tied on load.
+    """
+    prefix = adapter.layers + "."
+    new_index = {k.source_layer: j for j, k in enumerate(plan)}
+    kept_kind = {k.source_layer: {"attn": k.attn, "mlp": k.mlp} for k in plan}
+    part_kind = {part: kind for kind in KINDS for part in adapter.branch(kind).parts()}
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    dropped = {"tensors": 0, "params": 0}
+    targets = set(getattr(model, "all_tied_weights_keys", None) or {})  # names re-tied on load
+    for name, t in sorted(model.state_dict().items(), key=lambda kv: kv[0] in targets):  # stable: targets last
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
+        if key is not None and key in seen:
+            continue  # a tied duplicate (lm_head = embed_tokens)
+        if name.startswith(prefix):
+            layer, rest = name[len(prefix):].split(".", 1)
+            src = int(layer)
+            kind = part_kind.get(rest.split(".", 1)[0])
+            if src not in new_index or (kind and not kept_kind[src][kind]):
+                dropped["tensors"] += 1
+                dropped["params"] += t.numel()
+                continue
+            name = f"{prefix}{new_index[src]}.{rest}"
+        if key is not None:
+            seen.add(key)
+        out[name] = t.detach().contiguous()
+    return out, dropped
+
+
+# -- directories ---------------------------------------------------------------------------------
+def modeling_source(config_cls: type, model_cls: type) -> str:
+    """`pruned_modeling.py` plus the lines binding it to one base architecture."""
+    return (
+        inspect.getsource(pruned_modeling).rstrip() + "\n\n\n"
+        "# -- bound to the base architecture by blockpruner.export ----------------------------------\n"
+        f"from transformers import {config_cls.__name__} as _BaseConfig, {model_cls.__name__} as _BaseModel  # noqa: E402\n\n"
+        "BlockPrunerConfig, BlockPrunerForCausalLM = make_classes(_BaseConfig, _BaseModel)\n"
+    )
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished directory onto `out`, replacing an older one (gone only between two renames)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def _temp_dir_beside(out: Path) -> Path:
+    """A fresh directory next to `out` (same file system, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should read like any directory
+    return tmp
+
+
+def materialize(model_dir: str | Path, step_json: str | Path, out_dir: str | Path, method: str = "blockpruner") -> dict:
+    """Write the pruned model of a step artifact as a self-contained directory; returns a summary."""
+    from safetensors.torch import save_file
+
+    from .search import read_step
+    from .sources import load_prepared, read_manifest, write_manifest
+
+    model_dir, out = Path(model_dir), Path(out_dir)
+    if out.resolve() == model_dir.resolve():
+        raise UserError(f"--out {out} is the source model directory; write the pruned model elsewhere")
+    manifest = read_manifest(model_dir)
+    step = read_step(step_json)
+    if step["inputs"].get("model_hash") != manifest["content_hash"]:
+        raise UserError(f"{step_json}: stale, made for another model than {model_dir} (content hash differs); "
+                        "rerun the search for this model")
+    removed = list(step["removed"])
+    plan = plan_layers(manifest["num_layers"], removed)
+
+    model, tok, _ = load_prepared(model_dir, device="cpu")
+    adapter = adapter_for(model.config.model_type)
+    pruning = {
+        "method": method,
+        "k": step["k"],
+        "removed": removed,
+        "source_model": str(model_dir),
+        "source_hash": manifest["content_hash"],
+        "source_num_layers": manifest["num_layers"],
+        "step": str(step_json),
+        "params": step["params"],
+    }
+    config = pruned_config(model, adapter, plan, pruning)
+    tensors, dropped = pruned_tensors(model, adapter, plan)
+    tmp = _temp_dir_beside(out)
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        (tmp / MODELING_FILE).write_text(modeling_source(*base_classes(model)), encoding="utf-8")
+        model.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        del model, tensors
+        pruned = load_pruned(tmp)
+        params = sum(p.numel() for p in pruned.parameters())
+        if params != step["params"]["remaining"]:
+            raise UserError(f"materialised model has {params} parameters, but {step_json} expects "
+                            f"{step['params']['remaining']}; the step does not match this model")
+        summary = {
+            "k": step["k"], "method": method, "removed": removed,
+            "layers": len(plan), "attention_layers": sum(k.attn for k in plan),
+            "source_layers": manifest["num_layers"], "removed_tensors": dropped["tensors"],
+            "removed_params": dropped["params"], "params": params, "params_before": manifest["parameters"],
+        }
+        write_manifest(tmp, pruned, source=str(model_dir), dtype=manifest["dtype"],
+                       extra={"pruning": {**pruning, "summary": summary}})
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+# -- loading without remote code ------------------------------------------------------------------
+def read_pruned_config(path: str | Path) -> dict:
+    f = Path(path) / "config.json"
+    if not f.exists():
+        raise UserError(f"{path}: no config.json; give a directory written by `blockpruner materialize`")
+    d = json.loads(f.read_text(encoding="utf-8"))
+    if "pruned_layers" not in d or d.get("pruning", {}).get("format") != FORMAT:
+        raise UserError(f"{path}: not a materialised pruned model (config.json has no {FORMAT} pruning record)")
+    return d
+
+
+def pruned_classes(d: dict) -> tuple[type, type]:
+    import transformers
+
+    rec = d["pruning"]
+    bases = [getattr(transformers, rec[k], None) for k in ("base_config", "base_architecture")]
+    if None in bases:
+        raise UserError(f"this transformers ({transformers.__version__}) has no {rec['base_config']} / "
+                        f"{rec['base_architecture']}; install the version the model was pruned with")
+    return pruned_modeling.make_classes(*bases)
+
+
+def check_weights(path: str | Path, model_cls: type, config) -> None:
+    """Compare the weight files' tensor names and shapes with the pruned structure, before loading."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path}: no *.safetensors weight files")
+    have: dict[str, tuple] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as sf:
+                for k in sf.keys():
+                    have[k] = tuple(sf.get_slice(k).get_shape())
+        except Exception as e:  # truncated or not a safetensors file
+            raise UserError(f"{f}: unreadable weight file ({e.__class__.__name__}: {e})") from None
+    with torch.device("meta"):
+        skeleton = model_cls(config)
+    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    tied = set(getattr(skeleton, "all_tied_weights_keys", None) or {})
+    missing = sorted(k for k in want if k not in have and k not in tied)
+    extra = sorted(k for k in have if k not in want)
+    wrong = sorted(f"{k} {have[k]} != {want[k]}" for k in have if k in want and have[k] != want[k])
+    for what, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            raise UserError(f"{path}: weights do not match the pruned structure in config.json: {what} "
+                            f"{', '.join(keys[:3])}{more}; materialise the model again")
+
+
+def load_pruned(path: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu"):
+    """Load a materialised pruned model without remote code (eval mode).
+
+    The model class is the base architecture's, from this transformers, with the pruning
+    recorded in config.json applied; weights are checked against it first.
+    """
+    from .sources import resolve_device, torch_dtype
+
+    d = read_pruned_config(path)
+    cfg_cls, lm_cls = pruned_classes(d)
+    config = cfg_cls.from_pretrained(str(path))
+    check_weights(path, lm_cls, config)
+    dtype = dtype or d.get("dtype") or "float32"
+    if isinstance(dtype, str):
+        dtype = torch_dtype(dtype)
+    try:
+        model = lm_cls.from_pretrained(str(path), config=config, dtype=dtype)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return model.to(resolve_device(device)).eval()
+
+
+# -- Nemotron-NAS (DeciLM) serving layout ----------------------------------------------------------
+# Reference for every key below: the config.json of nvidia/Llama-3_3-Nemotron-Super-49B-v1
+# (architectures DeciLMForCausalLM, model_type nemotron-nas), and the readers of that format:
+# vLLM's model_executor/models/nemotron_nas.py (no_op, n_heads_in_group, ffn_mult) and
+# llama.cpp's convert_hf_to_gguf DeciModel (n_heads_in_group None = no attention, ffn_mult
+# None = no FFN). Both derive the FFN width as round_up(int(2 * ffn_mult * hidden / 3), 256).
+DECILM_HUB_CODE = "nvidia/Llama-3_3-Nemotron-Super-49B-v1"
+
+
+def decilm_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
+    """The FFN width vLLM and llama.cpp derive from a DeciLM `ffn_mult`."""
+    n = int(2 * ffn_mult * hidden_size / 3)
+    return n if n % 256 == 0 else n + 256 - n % 256
+
+
+def decilm_block_config(has_attn: bool, has_mlp: bool, n_heads_in_group: int, ffn_mult: float) -> dict:
+    return {
+        "attention": {
+            "n_heads_in_group": n_heads_in_group if has_attn else None,
+            "no_op": not has_attn,
+            "num_sink_tokens": None,
+            "replace_with_linear": False,
+            "sparsify": None,
+            "unshifted_sink": False,
+            "use_prefill_window_in_sink_attention": False,
+            "window_length": None,
+        },
+        "ffn": {
+            "ffn_mult": ffn_mult if has_mlp else None,
+            "no_op": not has_mlp,
+            "replace_with_linear": False,
+            "sparsify": None,
+        },
+    }
+
+
+def check_decilm(d: dict) -> float:
+    """Refuse configs the Nemotron-NAS layout cannot express; returns the FFN's `ffn_mult`.
+
+    Works on the dense model's config.json too, so the CLI can refuse before materialising.
+    """
+    if not adapter_for(d["model_type"]).nemotron_nas:
+        raise UserError(f"the Nemotron-NAS layout is for Llama-family models; this one is {d['model_type']!r}")
+    hidden, inter, heads = d["hidden_size"], d["intermediate_size"], d["num_attention_heads"]
+    ffn_mult = inter * 3 / (2 * hidden)
+    if decilm_intermediate_size(ffn_mult, hidden) != inter:
+        raise UserError(f"intermediate_size {inter} cannot be written as a DeciLM ffn_mult for hidden_size {hidden} "
+                        "(readers round the FFN width up to a multiple of 256)")
+    head_dim = d.get("head_dim") or hidden // heads
+    if head_dim * heads != hidden:
+        raise UserError(f"head_dim {head_dim} x {heads} heads != hidden_size {hidden}; DeciLM readers assume equality")
+    if d.get("attention_bias") or d.get("mlp_bias"):
+        raise UserError("biased attention / MLP projections are not written in the Nemotron-NAS layout")
+    return ffn_mult
+
+
+def decilm_config(d: dict) -> dict:
+    """Nemotron-NAS config.json for a pruned Llama-family config.json (as a dict)."""
+    ffn_mult = check_decilm(d)
+    hidden, heads = d["hidden_size"], d["num_attention_heads"]
+    kv = d.get("num_key_value_heads") or heads
+    rope = dict(d.get("rope_parameters") or {})
+    out = {
+        "architectures": ["DeciLMForCausalLM"],
+        "model_type": "nemotron-nas",
+        "auto_map": {"AutoConfig": f"{DECILM_HUB_CODE}--configuration_decilm.DeciLMConfig",
+                     "AutoModelForCausalLM": f"{DECILM_HUB_CODE}--modeling_decilm.DeciLMForCausalLM"},
+        "block_configs": [decilm_block_config(k["attn"], k["mlp"], heads // kv, ffn_mult) for k in d["pruned_layers"]],
+        "attention_bias": False,
+        "attention_dropout": d.get("attention_dropout", 0.0),
+        "bos_token_id": d.get("bos_token_id"),
+        "eos_token_id": d.get("eos_token_id"),
+        "pad_token_id": d.get("pad_token_id"),
+        "hidden_act": d.get("hidden_act", "silu"),
+        "hidden_size": hidden,
+        "initializer_range": d.get("initializer_range", 0.02),
+        "intermediate_size": None,
+        "max_position_embeddings": d["max_position_embeddings"],
+        "mlp_bias": False,
+        "num_attention_heads": heads,
+        "num_hidden_layers": len(d["pruned_layers"]),
+        "num_key_value_heads": None,
+        "pretraining_tp": d.get("pretraining_tp", 1),
+        "rms_norm_eps": d["rms_norm_eps"],
+        "rope_theta": rope.pop("rope_theta", 10000.0),
+        "rope_scaling": rope if rope.get("rope_type", "default") != "default" else None,
+        "tie_word_embeddings": d.get("tie_word_embeddings", False),
+        "torch_dtype": d.get("dtype") or "float32",
+        "use_cache": True,
+        "vocab_size": d["vocab_size"],
+        "pruning": d["pruning"] | {"pruned_layers": d["pruned_layers"]},
+    }
+    return out
+
+
+def to_decilm(pruned_dir: str | Path, out_dir: str | Path) -> dict:
+    """Rewrite a materialised pruned Llama-family model in the Nemotron-NAS (DeciLM) layout.
+
+    The tensors keep their names (DeciLM layers are Llama layers; a no-op block has none), so
+    the weights are copied as they are; config.json gets `block_configs`, and `auto_map` names
+    NVIDIA's published DeciLM code for transformers users (vLLM and llama.cpp need no code).
+    """
+    pruned_dir, out = Path(pruned_dir), Path(out_dir)
+    config = decilm_config(read_pruned_config(pruned_dir))
+    tmp = _temp_dir_beside(out)
+    try:
+        for f in pruned_dir.iterdir():
+            if f.is_file() and f.name not in ("config.json", "manifest.json", MODELING_FILE):
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return config
+
+

@@ -1,0 +1,92 @@
+"""The inference-speed benchmark: its JSON, and KV-cache accounting (timings printed, not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from blockpruner import export, speed
+from blockpruner.artifacts import read_json
+from blockpruner.cli import main
+from blockpruner.errors import UserError
+from blockpruner.search import write_step
+
+from .test_export import one_thread, prepared_tiny, step_record  # noqa: F401  (one_thread: autouse fixture)
+
+STATS = {"path", "params", "kv_bytes_per_token", "prefill_s", "gen_mean_s", "gen_median_s", "tokens_per_s",
+         "peak_mem_bytes", "peak_mem_kind"}
+
+
+def show(r: dict) -> None:
+    for role in ("baseline", "model"):
+        if r[role]:
+            print(f"\n{role}: " + json.dumps({k: r[role][k] for k in sorted(STATS - {"path"})}))
+    print(f"speedup {r['speedup']}, KV cache reduction {r['kv_cache_reduction']}, device {r['device']}")
+
+
+@pytest.fixture(scope="module")
+def pruned_llama(tmp_path_factory):
+    """Tiny Llama, 4 layers, minus attn.1 and mlp.2: one attention block of four gone."""
+    root = tmp_path_factory.mktemp("speed")
+    prep, model = prepared_tiny(root, "llama", layers=4)
+    rec = step_record(model, prep, ["attn.1", "mlp.2"])
+    write_step(root / "step_2.json", rec)
+    export.materialize(prep, root / "step_2.json", root / "pruned")
+    return prep, root / "pruned", rec
+
+
+def test_cli_speed_json(tmp_path, pruned_llama):
+    prep, pruned, rec = pruned_llama
+    out = tmp_path / "speed.json"
+    assert main(["speed", "--model", str(pruned), "--baseline", str(prep), "--prompt-tokens", "8", "--new-tokens", "4",
+                 "--repeats", "2", "--warmup", "1", "--device", "cpu", "--threads", "1", "--out", str(out)]) == 0
+    r = read_json(out, speed.FORMAT)
+    show(r)
+    assert set(r) >= {"model", "baseline", "speedup", "kv_cache_reduction", "settings", "device"}
+    for role in ("model", "baseline"):
+        assert set(r[role]) >= STATS
+        assert r[role]["gen_mean_s"] > 0 and r[role]["prefill_s"] > 0 and r[role]["peak_mem_bytes"] >= 0
+        assert r[role]["tokens_per_s"] == pytest.approx(4 / r[role]["gen_mean_s"])
+        assert len(r[role]["gen_s"]) == 2
+    assert r["model"]["path"] == str(pruned) and r["baseline"]["path"] == str(prep)
+    assert r["model"]["params"] == rec["params"]["remaining"] and r["baseline"]["params"] == rec["params"]["total"]
+    # 3 of 4 attention blocks remain, all with the same KV width: the cache shrinks by exactly 1/4
+    assert (r["model"]["kv_cache_layers"], r["baseline"]["kv_cache_layers"]) == (3, 4)
+    assert r["kv_cache_reduction"] == pytest.approx(0.25)
+    # 2 KV heads x 8 dims x (K and V) x 4 bytes per attention layer and token
+    assert r["baseline"]["kv_bytes_per_token"] == 4 * 2 * 2 * 8 * 4
+    assert r["speedup"] == pytest.approx(r["baseline"]["gen_mean_s"] / r["model"]["gen_mean_s"])
+    assert r["settings"] | {"prompt_tokens": 8, "new_tokens": 4, "repeats": 2, "warmup": 1} == r["settings"]
+    assert r["settings"]["timer"] == "perf_counter" and r["model"]["peak_mem_kind"].startswith("cpu_rss")
+
+
+def test_without_baseline(pruned_llama):
+    _, pruned, _ = pruned_llama
+    r = speed.measure(pruned, prompt_tokens=4, new_tokens=2, repeats=1, warmup=0, device="cpu")
+    assert r["baseline"] is None and r["speedup"] is None and r["kv_cache_reduction"] is None
+    assert r["model"]["kv_cache_layers"] == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [({"repeats": 0}, "repeats"), ({"new_tokens": 0}, "new_tokens"),
+                                           ({"baseline_dir": "/nonexistent"}, "no config.json")])
+def test_bad_arguments(pruned_llama, kwargs, match):
+    _, pruned, _ = pruned_llama
+    with pytest.raises(UserError, match=match):
+        speed.measure(pruned, **kwargs)
+
+
+@pytest.mark.gemma
+def test_gemma_speed(gemma_dir, tmp_path):
+    """Gemma 3 270M minus 5 blocks (3 attention) vs dense, a few tokens on this machine."""
+    from blockpruner.sources import load_prepared
+
+    model, _, _ = load_prepared(gemma_dir)
+    rec = step_record(model, gemma_dir, ["attn.0", "mlp.5", "attn.5", "attn.9", "mlp.12"])
+    del model
+    write_step(tmp_path / "step_5.json", rec)
+    export.materialize(gemma_dir, tmp_path / "step_5.json", tmp_path / "pruned")
+    r = speed.measure(tmp_path / "pruned", gemma_dir, prompt_tokens=32, new_tokens=16, repeats=3, warmup=1, device="cpu")
+    show(r)
+    assert r["kv_cache_reduction"] == pytest.approx(3 / 18)
+    assert r["model"]["params"] == rec["params"]["remaining"]
