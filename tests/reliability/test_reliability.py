@@ -1,0 +1,225 @@
+"""What the pipeline guarantees: bad input refused early, no partial artifacts after a kill,
+corruption and staleness detected, numerical faults contained, identical reruns."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from blockpruner.artifacts import atomic_write, read_json, write_json
+from blockpruner.calibration import CalibrationSpec, load_calibration, sample_calibration
+from blockpruner.cli import main
+from blockpruner.errors import UserError
+from blockpruner.search import read_step
+from blockpruner.sources import write_manifest
+
+from ..conftest import tiny_model
+from ..test_calibration import CharTokenizer
+from ..test_cli import forbid_model_loading, one_line_error, run
+
+
+def _timing_free(obj):
+    return {k: v for k, v in obj.items() if k not in ("timing", "checksum")}
+
+
+@pytest.fixture
+def study(tmp_path):
+    model = tiny_model("qwen2", seed=7, num_hidden_layers=3)
+    model.save_pretrained(tmp_path / "model")
+    write_manifest(tmp_path / "model", model, source="test", dtype="fp32")
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"calibration line {i}: the quick brown fox {i * 7}" for i in range(40)))
+    sample_calibration(CalibrationSpec(str(text), nsamples=12, seqlen=32, max_windows=3), CharTokenizer(), tmp_path / "calib")
+    return tmp_path
+
+
+def step_args(t, k, out, prev=None):
+    args = ["step", "--model", t / "model", "--calib", t / "calib", "--k", k, "--device", "cpu", "--no-progress", "--out", out]
+    return args + (["--prev", prev] if prev else [])
+
+
+# -- determinism --------------------------------------------------------------------------
+def test_two_runs_give_identical_step_artifacts(study, capsys):
+    t = study
+    for run_dir in ("a", "b"):
+        prev = None
+        for k in (1, 2, 3):
+            out = t / run_dir / f"step_{k}.json"
+            assert run(step_args(t, k, out, prev), capsys)[0] == 0
+            prev = out
+    for k in (1, 2, 3):
+        a, b = (json.loads((t / d / f"step_{k}.json").read_text()) for d in ("a", "b"))
+        a["inputs"].pop("previous_step"), b["inputs"].pop("previous_step")  # paths differ by design
+        assert _timing_free(a) == _timing_free(b)
+
+
+def test_calibration_bytes_identical_across_runs(study):
+    t = study
+    spec = CalibrationSpec(str(t / "t.txt"), nsamples=12, seqlen=32, max_windows=3)
+    m = sample_calibration(spec, CharTokenizer(), t / "again")
+    assert (t / "again" / "tokens.safetensors").read_bytes() == (t / "calib" / "tokens.safetensors").read_bytes()
+    assert _timing_free(m) == _timing_free(read_json(t / "calib" / "manifest.json", "blockpruner.calibration/1"))
+
+
+# -- interruption ---------------------------------------------------------------------------
+def test_sigkill_mid_step_leaves_no_partial_artifact_and_rerun_resumes(study, capsys):
+    t = study
+    # a slower model so the kill lands mid-search
+    big = tiny_model("llama", seed=1, num_hidden_layers=8, hidden_size=256, intermediate_size=1024, vocab_size=4000)
+    big.save_pretrained(t / "big")
+    write_manifest(t / "big", big, source="test", dtype="fp32")
+    text = t / "long.txt"
+    text.write_text("\n".join(f"line {i} " * 20 for i in range(200)))
+    sample_calibration(CalibrationSpec(str(text), nsamples=100, seqlen=256, max_windows=8), CharTokenizer(), t / "bigcal")
+    out = t / "search" / "step_1.json"
+    cmd = [sys.executable, "-m", "blockpruner.cli", "step", "--model", str(t / "big"), "--calib", str(t / "bigcal"),
+           "--k", "1", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    # wait until the search loop is running (its progress bar prints), then kill -9
+    buf = ""
+    while "step 1" not in buf and proc.poll() is None:
+        buf += proc.stderr.read(1)
+    time.sleep(1.0)
+    assert proc.poll() is None, "the step finished before it could be killed; make the fixture slower"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    assert not any(p.name.startswith(".") for p in out.parent.glob("*")) if out.parent.exists() else True
+    # rerunning completes and equals an uninterrupted run
+    assert subprocess.run(cmd + ["--no-progress"], capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"}).returncode == 0
+    assert read_step(out)["k"] == 1
+
+
+def test_atomic_write_keeps_old_file_when_writer_dies(tmp_path):
+    path = tmp_path / "a.json"
+    write_json(path, {"x": 1}, "t/1")
+
+    def dies(tmp):
+        Path(tmp).write_text("{half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, dies)
+    assert read_json(path, "t/1")["x"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left behind
+
+
+# -- corruption and staleness ------------------------------------------------------------------
+def test_corrupt_or_edited_step_is_detected(study, capsys, monkeypatch):
+    t = study
+    assert run(step_args(t, 1, t / "s1.json"), capsys)[0] == 0
+    good = (t / "s1.json").read_text()
+    forbid_model_loading(monkeypatch)
+    edited = json.loads(good)
+    edited["removed"] = ["mlp.2"]
+    (t / "s1.json").write_text(json.dumps(edited))
+    one_line_error(*run(step_args(t, 2, t / "s2.json", t / "s1.json"), capsys), "checksum mismatch")
+    (t / "s1.json").write_text(good[: len(good) // 2])
+    one_line_error(*run(step_args(t, 2, t / "s2.json", t / "s1.json"), capsys), "corrupt artifact")
+    (t / "calib" / "manifest.json").write_text(good)  # a step where a calibration manifest should be
+    one_line_error(*run(step_args(t, 2, t / "s2.json"), capsys), "not a blockpruner.calibration/1 artifact")
+
+
+def test_step_for_another_model_is_refused(study, capsys, monkeypatch):
+    t = study
+    assert run(step_args(t, 1, t / "s1.json"), capsys)[0] == 0
+    other = tiny_model("qwen2", seed=8, num_hidden_layers=3)
+    other.save_pretrained(t / "model")  # same path, new weights
+    write_manifest(t / "model", other, source="test", dtype="fp32")
+    forbid_model_loading(monkeypatch)
+    one_line_error(*run(step_args(t, 2, t / "s2.json", t / "s1.json"), capsys), "stale, made for another model")
+
+
+def test_weights_that_do_not_match_their_manifest_are_refused(study, capsys, monkeypatch):
+    t = study
+    w = t / "model" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-10])
+    forbid_model_loading(monkeypatch)
+    one_line_error(*run(step_args(t, 1, t / "s1.json"), capsys), "not the size its manifest records")
+
+
+# -- bad input before any work -----------------------------------------------------------------------
+@pytest.mark.parametrize("k,pattern", [(0, "step k must be >= 1"), (-2, "step k must be >= 1")])
+def test_bad_k(study, capsys, monkeypatch, k, pattern):
+    forbid_model_loading(monkeypatch)
+    one_line_error(*run(step_args(study, k, study / "x.json"), capsys), pattern)
+
+
+def test_unknown_candidate_set(study, capsys, monkeypatch):
+    forbid_model_loading(monkeypatch)
+    code, err = run(step_args(study, 1, study / "x.json") + ["--candidates", "heads"], capsys)
+    one_line_error(code, err, "unknown candidate set 'heads'; use one of: all, attn, mlp")
+
+
+def test_unreachable_hub_id_says_how_to_use_a_local_copy(tmp_path):
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = subprocess.run([sys.executable, "-m", "blockpruner.cli", "prepare-model", "some-org/some-model", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("blockpruner: error: cannot load 'some-org/some-model' from the Hugging Face Hub")
+    assert "pass DIR as the model source" in last
+
+
+def test_unreachable_hub_dataset_names_the_local_key(tmp_path):
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    code = ("from blockpruner.calibration import CalibrationSpec, draw_samples\n"
+            "draw_samples(CalibrationSpec('tatsu-lab/alpaca', nsamples=4))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "UserError" in r.stderr and "calibration.<name>.path" in r.stderr and "--data PATH" in r.stderr
+
+
+# -- input edge cases -------------------------------------------------------------------------
+def _wordlevel_tokenizer(with_specials: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for i in range(40) for w in f"calibration line {i}: the quick brown fox {i * 7}".split()})
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    kwargs = {"bos_token": "[UNK]", "pad_token": "[UNK]"} if with_specials else {}
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, **kwargs)
+    assert (tok.bos_token is None and tok.pad_token is None) != with_specials
+    return tok
+
+
+@pytest.mark.parametrize("mode", ["concat", "per-sample"])
+def test_tokenizer_without_bos_or_pad(study, mode):
+    tok = _wordlevel_tokenizer(with_specials=False)
+    m = sample_calibration(CalibrationSpec(str(study / "t.txt"), nsamples=20, seqlen=6, mode=mode), tok, study / mode)
+    cal = load_calibration(study / mode)
+    assert m["windows"] == len(cal.windows) > 0
+    assert all(2 <= len(w) <= 6 for w in cal.windows)
+
+
+def test_empty_and_whitespace_records_are_dropped_before_sampling(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = ["", "  ", "\n", "real text one", "\t", "real text two"]
+    path.write_text("\n".join(json.dumps({"text": r}) for r in rows))
+    m = sample_calibration(CalibrationSpec(str(path), nsamples=2, seqlen=4, mode="per-sample"), CharTokenizer(), tmp_path / "o")
+    assert sorted(m["sampled_indices"]) == [3, 5] and m["nonempty_records"] == 2
+    with pytest.raises(UserError, match="only 2 non-empty records"):
+        sample_calibration(CalibrationSpec(str(path), nsamples=3, seqlen=4), CharTokenizer(), tmp_path / "o2")
+
+
+def test_nan_logits_in_fp16_style_overflow_are_not_chosen():
+    from blockpruner.blocks import PrunableModel
+    from blockpruner.search import StepSettings, search_step
+
+    pm = PrunableModel.wrap(tiny_model("mistral", seed=4))
+    with torch.no_grad():  # an overflowing branch, like fp16 activations past 65504
+        pm.layers[2].self_attn.o_proj.weight.mul_(1e38)
+        pm.layers[2].self_attn.o_proj.weight.mul_(1e38)
+    wins = [torch.randint(3, 90, (10,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    rec = search_step(pm, wins, 1, [], StepSettings(), inputs={}, progress=False)
+    assert rec["removed_block"] == "attn.2"
+    assert all(s["status"] == "nonfinite" for s in rec["scores"] if s["block"] != "attn.2")
