@@ -1,0 +1,46 @@
+# BlockPruner study workflow: prepare models, sample calibration data, search the greedy
+# block-removal sequence step by step, materialise the requested prunings, evaluate them
+# (WikiText-2 perplexity, zero-shot tasks, speed) and summarise as the paper's Table 1.
+#
+#   snakemake --cores 2                                # the demo study (config.yaml)
+#   snakemake --cores 2 --configfile .test/config.yaml # the CI study (replaces config.yaml)
+#   snakemake --profile profiles/slurm --configfile config/paper.yaml
+#
+# Stages, one file each in workflow/rules/: model -> calibration -> search -> prune ->
+# evaluate -> summary.  Every rule calls one `blockpruner` subcommand.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# A --configfile given on the command line replaces the demo study instead of being merged
+# into it (models, calibration sets and methods are maps: merging would mix two studies).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/calibration.smk"
+include: "workflow/rules/search.smk"
+include: "workflow/rules/prune.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/summary.smk"
+
+
+localrules:
+    all,
+    tabulate_search,
+    summarize,
+
+
+rule all:
+    default_target: True
+    input:
+        rules.summarize.output,
+        sequence_outputs(),

@@ -1,0 +1,329 @@
+"""Collect a study's artifacts into one table (the paper's Table 1) and plots.
+
+Inputs are the files themselves, named by the workflow's layout (the labels come from the
+paths, so a table never mixes in stale files that merely lie in the same folder):
+
+    .../search/<model>/<calib>/<method>/step_<k>.json         greedy search steps
+    .../eval/<model>/dense/{ppl,tasks,speed}.json              the dense model
+    .../eval/<model>/<calib>/<method>/<pruning>/{...}.json     a pruned model, pruning = k<K> | r<ratio>
+
+Each row is one evaluated model: K and the pruning ratio come from the search step of that
+K (a ratio target r<x> resolves to the smallest K whose ratio reaches x, exactly as
+`blockpruner target-k` does for the materialised model). Every JSON artifact is checked
+(format tag and checksum) before use.
+
+`sequence` writes the removal sequence of one search as a CSV a person can read.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .artifacts import atomic_write, atomic_write_text, checksum
+from .errors import UserError
+
+EVAL_KINDS = ("ppl", "tasks", "speed")
+TASK_TITLES = {"piqa": "PIQA", "winogrande": "WinoGrande", "hellaswag": "HellaSwag", "arc_easy": "ARC-e",
+               "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
+
+
+def read_artifact(path: str | Path) -> dict:
+    """A blockpruner JSON artifact of any kind, verified by its checksum."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: missing artifact; run the stage that makes it first")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: corrupt artifact ({e.__class__.__name__}); delete it and rerun the stage") from None
+    if not isinstance(obj, dict) or not str(obj.get("format", "")).startswith("blockpruner."):
+        raise UserError(f"{path}: not a blockpruner artifact (no blockpruner.* format tag)")
+    if obj.get("checksum") != checksum(obj):
+        raise UserError(f"{path}: checksum mismatch, the file was edited or damaged; delete it and rerun the stage")
+    return obj
+
+
+# ---------------------------------------------------------------- search sequences
+
+
+def block_kind_layer(name: str) -> tuple[str, int]:
+    kind, _, layer = name.partition(".")
+    return kind, int(layer)
+
+
+def sequence_rows(steps: list[dict]) -> list[dict]:
+    """One row per step, in k order: what was removed and where the search stands after it."""
+    rows = []
+    for s in sorted(steps, key=lambda s: s["k"]):
+        kind, layer = block_kind_layer(s["removed_block"])
+        rows.append({
+            "k": s["k"],
+            "removed_block": s["removed_block"],
+            "block_type": kind,
+            "layer": layer,
+            "calib_ppl": s["ppl"],
+            "attn_removed": s["attn_removed"],
+            "mlp_removed": s["mlp_removed"],
+            "ratio": s["params"]["ratio"],
+            "ratio_no_embed": s["params"]["ratio_no_embed"],
+            "params_removed": s["params"]["removed"],
+            "params_remaining": s["params"]["remaining"],
+            "elapsed_s": s.get("timing", {}).get("elapsed_s"),
+        })
+    return rows
+
+
+def read_steps(paths: list[str | Path]) -> list[dict]:
+    from .search import read_step
+
+    steps = [read_step(p) for p in paths]
+    ks = sorted(s["k"] for s in steps)
+    if ks != list(range(1, len(ks) + 1)):
+        raise UserError(f"steps must be 1..K without gaps, got k = {ks}")
+    chain = sorted(steps, key=lambda s: s["k"])
+    for prev, cur in zip(chain, chain[1:]):
+        if cur["removed"][:-1] != prev["removed"]:
+            raise UserError(f"step {cur['k']} does not continue step {prev['k']} (stale file?); rerun the search")
+    return chain
+
+
+def write_sequence(out: str | Path, step_paths: list[str | Path]) -> list[dict]:
+    rows = sequence_rows(read_steps(step_paths))
+    write_csv(out, rows)
+    return rows
+
+
+# ---------------------------------------------------------------- the study table
+
+
+@dataclass
+class Row:
+    model: str
+    calib: str = ""
+    method: str = "dense"
+    pruning: str = "dense"
+    evals: dict = field(default_factory=dict)  # kind -> artifact
+
+    @property
+    def key(self) -> tuple:
+        return self.model, self.calib, self.method
+
+
+def classify(path: Path) -> tuple[str, tuple]:
+    """('step', (model, calib, method, k)) or ('eval', (kind, model, calib, method, pruning))."""
+    name = path.name
+    if name.startswith("step_") and name.endswith(".json"):
+        return "step", (path.parts[-4], path.parts[-3], path.parts[-2], int(name[5:-5]))
+    kind = path.stem
+    if kind in EVAL_KINDS:
+        if path.parent.name == "dense":
+            return "eval", (kind, path.parts[-3], "", "dense", "dense")
+        return "eval", (kind, path.parts[-5], path.parts[-4], path.parts[-3], path.parent.name)
+    raise UserError(f"{path}: not a step_<k>.json or {{{','.join(EVAL_KINDS)}}}.json of the workflow's layout")
+
+
+def resolve_k(pruning: str, steps: list[dict], ratio_of: str) -> int | None:
+    """K of a pruning label: k3 -> 3, r0.2 -> the smallest K reaching the ratio (None without steps)."""
+    if pruning == "dense":
+        return 0
+    if pruning.startswith("k"):
+        return int(pruning[1:])
+    if not steps:
+        return None
+    from .search import steps_to_ratio
+
+    return steps_to_ratio(steps, float(pruning[1:]), "ratio_no_embed" if ratio_of == "no_embed" else "ratio")
+
+
+def collect(paths: list[str | Path], ratio_of: str = "all") -> tuple[list[dict], list[str], dict]:
+    """Table rows (dicts), the task names in order, and the step chains per search."""
+    step_paths, evals = defaultdict(list), {}
+    for p in map(Path, paths):
+        what, key = classify(p)
+        if what == "step":
+            step_paths[key[:3]].append(p)
+        else:
+            kind, *label = key
+            row = evals.setdefault(tuple(label), Row(*label))
+            row.evals[kind] = read_artifact(p)
+    chains = {key: read_steps(ps) for key, ps in step_paths.items()}
+    tasks: list[str] = []
+    for row in evals.values():
+        for t in row.evals.get("tasks", {}).get("tasks", {}):
+            if t not in tasks:
+                tasks.append(t)
+    out = []
+    for row in evals.values():
+        chain = chains.get(row.key, [])
+        k = resolve_k(row.pruning, chain, ratio_of)
+        step = chain[k - 1] if k and k <= len(chain) else None
+        r = {"model": row.model, "calib": row.calib, "method": row.method, "pruning": row.pruning, "k": k,
+             "attn_removed": step["attn_removed"] if step else (0 if k == 0 else None),
+             "mlp_removed": step["mlp_removed"] if step else (0 if k == 0 else None),
+             "ratio": step["params"]["ratio"] if step else (0.0 if k == 0 else None),
+             "ratio_no_embed": step["params"]["ratio_no_embed"] if step else (0.0 if k == 0 else None),
+             "removed_blocks": " ".join(step["removed"]) if step else ""}
+        ppl = row.evals.get("ppl")
+        r["wikitext2_ppl"] = ppl["ppl"] if ppl else None
+        t = row.evals.get("tasks")
+        for name in tasks:
+            r[name] = t["tasks"][name]["value"] if t and name in t["tasks"] else None
+        r["average"] = t["average"] if t else None
+        s = row.evals.get("speed")
+        r["speedup"] = s.get("speedup") if s else None
+        r["kv_cache_reduction"] = s.get("kv_cache_reduction") if s else None
+        r["tokens_per_s"] = s["model"].get("tokens_per_s") if s else None
+        r["params"] = s["model"].get("params") if s else None
+        out.append(r)
+    out.sort(key=lambda r: (r["model"], r["pruning"] != "dense", r["calib"], r["method"],
+                            r["k"] if r["k"] is not None else math.inf, r["pruning"]))
+    return out, tasks, chains
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["empty"])
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+
+    atomic_write(path, write)
+
+
+def _fmt(v, spec: str, scale: float = 1.0) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return format(v * scale, spec)
+
+
+def markdown(rows: list[dict], tasks: list[str], ratio_of: str) -> str:
+    """The table as Markdown: accuracies and ratios in %, perplexity and speed-up as numbers."""
+    head = ["Model", "Method", "Calib", "Pruning", "K (attn+mlp)", "Ratio", "WikiText-2 PPL ↓"]
+    head += [TASK_TITLES.get(t, t) for t in tasks] + ["Avg ↑", "Speed-up", "KV-cache red."]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
+    for r in rows:
+        k = "0" if r["k"] == 0 else ("–" if r["k"] is None else f"{r['k']} ({r['attn_removed']}+{r['mlp_removed']})")
+        ratio = r["ratio_no_embed"] if ratio_of == "no_embed" else r["ratio"]
+        cells = [r["model"], r["method"], r["calib"] or "–", r["pruning"], k, _fmt(ratio, ".2f", 100) + "%",
+                 _fmt(r["wikitext2_ppl"], ".2f")]
+        cells += [_fmt(r[t], ".2f", 100) for t in tasks] + [_fmt(r["average"], ".2f", 100)]
+        cells += [_fmt(r["speedup"], ".2f") + ("×" if r["speedup"] is not None else ""),
+                  _fmt(r["kv_cache_reduction"], ".1f", 100) + ("%" if r["kv_cache_reduction"] is not None else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    what = "non-embedding parameters" if ratio_of == "no_embed" else "all parameters"
+    notes = [
+        "",
+        f"Ratio: share of {what} removed. Accuracies in % (acc_norm where the task has it, else acc), zero-shot "
+        "unless configured otherwise. Speed-up: dense / pruned generation time; KV-cache red.: share of KV-cache "
+        "bytes per token saved. K = 0 is the dense model; r<x> targets resolve to the smallest K reaching the ratio.",
+    ]
+    return "\n".join(["# BlockPruner study", ""] + lines + notes) + "\n"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _figure(n: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(n, 3) or 1
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    return plt, fig, axes.ravel()
+
+
+def _no_data(path: str | Path, title: str) -> None:
+    plt, fig, axes = _figure(1)
+    axes[0].text(0.5, 0.5, "no data in this study", ha="center", va="center")
+    axes[0].set_axis_off()
+    fig.suptitle(title)
+    _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> None:
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def plot_metric_vs_ratio(rows: list[dict], metric: str, ylabel: str, path: str | Path, ratio_of: str,
+                         scale: float = 1.0, log_y: bool = False) -> None:
+    """One panel per model, one line per calibration set x method, dense at ratio 0."""
+    key = "ratio_no_embed" if ratio_of == "no_embed" else "ratio"
+    title = f"{ylabel} vs pruning ratio"
+    models = sorted({r["model"] for r in rows if r[metric] is not None})
+    if not models:
+        _no_data(path, title)
+        return
+    plt, fig, axes = _figure(len(models))
+    for ax, model in zip(axes, models):
+        mine = [r for r in rows if r["model"] == model and r[metric] is not None and r[key] is not None]
+        dense = [r for r in mine if r["pruning"] == "dense"]
+        for calib, method in sorted({(r["calib"], r["method"]) for r in mine if r["pruning"] != "dense"}):
+            pts = sorted({(r[key], r[metric]) for r in mine if (r["calib"], r["method"]) == (calib, method)} |
+                         {(d[key], d[metric]) for d in dense})
+            ax.plot([100 * x for x, _ in pts], [scale * y for _, y in pts], marker="o", label=f"{method} ({calib})")
+        if dense and len(ax.lines) == 0:
+            ax.plot([0], [scale * dense[0][metric]], marker="o", label="dense")
+        ax.set_title(model)
+        ax.set_xlabel("parameters removed (%)" + (" of non-embedding" if ratio_of == "no_embed" else ""))
+        ax.set_ylabel(ylabel)
+        values = [scale * r[metric] for r in mine]
+        if log_y and values and min(values) > 0 and max(values) / min(values) > 10:
+            ax.set_yscale("log")  # only where perplexity spans decades
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[len(models):]:
+        ax.set_axis_off()
+    fig.suptitle(title)
+    _save(plt, fig, path)
+
+
+def plot_blocks_per_step(chains: dict, path: str | Path) -> None:
+    """Attention vs MLP blocks removed after each step, one panel per search."""
+    title = "attention vs MLP blocks removed per search step"
+    if not chains:
+        _no_data(path, title)
+        return
+    plt, fig, axes = _figure(len(chains))
+    for ax, (key, chain) in zip(axes, sorted(chains.items())):
+        ks = [0] + [s["k"] for s in chain]
+        ax.step(ks, [0] + [s["attn_removed"] for s in chain], where="post", marker="o", label="attention")
+        ax.step(ks, [0] + [s["mlp_removed"] for s in chain], where="post", marker="s", label="MLP")
+        ax.set_title(" / ".join(key), fontsize=9)
+        ax.set_xlabel("step k (blocks removed)")
+        ax.set_ylabel("blocks removed")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[len(chains):]:
+        ax.set_axis_off()
+    fig.suptitle(title)
+    _save(plt, fig, path)
+
+
+def summarize(paths: list[str | Path], csv_out: str | Path, md_out: str | Path, ratio_of: str = "all",
+              plot_ppl: str | Path | None = None, plot_accuracy: str | Path | None = None,
+              plot_blocks: str | Path | None = None) -> list[dict]:
+    if ratio_of not in ("all", "no_embed"):
+        raise UserError(f"ratio_of must be all or no_embed, got {ratio_of!r}")
+    rows, tasks, chains = collect(paths, ratio_of)
+    write_csv(csv_out, rows)
+    atomic_write_text(md_out, markdown(rows, tasks, ratio_of))
+    if plot_ppl:
+        plot_metric_vs_ratio(rows, "wikitext2_ppl", "WikiText-2 perplexity", plot_ppl, ratio_of, log_y=True)
+    if plot_accuracy:
+        plot_metric_vs_ratio(rows, "average", "average accuracy (%)", plot_accuracy, ratio_of, scale=100)
+    if plot_blocks:
+        plot_blocks_per_step(chains, plot_blocks)
+    return rows

@@ -1,0 +1,397 @@
+"""The Snakemake workflow: config checks, lint, the rerun behaviour (dry runs), the GPU slot
+allocator and the summary.
+
+The dry-run tests work in a copy of the workflow in a temporary folder, with placeholder data
+files (dry runs never read them) and outputs marked up to date with `snakemake --touch`, so
+that each test sees exactly which jobs Snakemake would run after one change. The end-to-end
+run on the real Gemma 3 270M is `test_e2e_ci_study` (minutes; `-m 'not e2e'` leaves it out).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import DATA, ROOT, SHARED
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+WORKFLOW_FILES = ["Snakefile", "config.yaml", "workflow", "config", "envs", "profiles", ".test", "blockpruner"]
+TEST_CONFIG = ".test/config.yaml"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def run_snakemake(cwd: Path, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAKEMAKE")}
+    p = subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def copy_workflow(dest: Path, shared: Path | None = None) -> Path:
+    """A copy of the workflow (and package, which the code hashes read) at dest/main, with
+    dest/shared beside it: the given shared folder, or placeholder data files."""
+    main = dest / "main"
+    main.mkdir(parents=True)
+    for name in WORKFLOW_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, main / name, ignore=shutil.ignore_patterns("__pycache__", "results", "logs"))
+        elif src.exists():
+            shutil.copy2(src, main / name)
+    if shared is not None:
+        (dest / "shared").symlink_to(shared.resolve())
+    else:
+        data = dest / "shared" / "data"
+        for rel in ("alpaca/alpaca_5000.json", "wikitext2/test.rows.jsonl"):
+            (data / rel).parent.mkdir(parents=True, exist_ok=True)
+            (data / rel).write_text("placeholder: dry runs never read it\n")
+        (data / "evals" / "piqa").mkdir(parents=True)
+    return main
+
+
+def write_config(main: Path, name: str, change) -> str:
+    """A variant of the CI config: `change(cfg)` edits the loaded dict; returns its path."""
+    cfg = yaml.safe_load((main / TEST_CONFIG).read_text())
+    change(cfg)
+    path = main / ".test" / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(path.relative_to(main))
+
+
+def planned(main: Path, configfile: str = TEST_CONFIG, *extra: str) -> Counter:
+    """Jobs per rule that a dry run would execute (empty when all is up to date)."""
+    p = run_snakemake(main, "-n", "--quiet", "rules", "--configfile", configfile, *extra)
+    out = p.stdout + p.stderr
+    if "Nothing to be done" in out:
+        return Counter()
+    m = re.search(r"Job stats:\njob\s+count\n[-\s]+\n(.*?)\ntotal\s+\d+", out, re.S)
+    assert m, out
+    return Counter({rule: int(n) for rule, n in (line.split() for line in m.group(1).strip().splitlines())})
+
+
+def mark_up_to_date(main: Path, configfile: str = TEST_CONFIG) -> None:
+    """Create every output of the study as an empty file and record Snakemake's metadata
+    (params, code, inputs) for it with --touch, as if the whole study had run."""
+    p = run_snakemake(main, "-n", "--summary", "--configfile", configfile)
+    lines = [line.split("\t") for line in p.stdout.splitlines() if "\t" in line]
+    assert lines and lines[0][0] == "output_file", p.stdout
+    for row in lines[1:]:
+        out = main / row[0]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.touch()
+    run_snakemake(main, "--touch", "--forceall", "--cores", "1", "--configfile", configfile)
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> Path:
+    """A copy of the workflow with nothing run (for tests that only read it)."""
+    return copy_workflow(tmp_path_factory.mktemp("fresh"))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """The CI study, all of it marked as done."""
+    main = copy_workflow(tmp_path_factory.mktemp("wf"))
+    mark_up_to_date(main)
+    return main
+
+
+CI_ALL = {"prepare_model": 1, "sample_calibration": 1, "search_step": 2, "tabulate_search": 1, "materialize_model": 2,
+          "eval_perplexity": 3, "eval_tasks": 3, "measure_speed": 3, "summarize": 1, "all": 1}
+
+
+# ---------------------------------------------------------------- dry runs, lint, config
+
+
+def test_dry_run_ci_study_plans_every_stage(fresh):
+    assert planned(fresh) == Counter(CI_ALL)
+
+
+def test_dry_run_default_and_paper_configs(fresh):
+    main = fresh
+    demo = planned(main, "config.yaml")
+    # demo: K = 1, 3 and a ratio target resolved from steps 1..3
+    assert demo["search_step"] == 3 and demo["materialize_model"] == 3 and demo["eval_tasks"] == 4
+    paper = planned(main, "config/paper.yaml")
+    assert paper["prepare_model"] == 6 and paper["search_step"] == 6 * 32
+
+
+def test_lint(fresh):
+    """`snakemake --lint` finds nothing; on findings, fail with what lint said."""
+    p = run_snakemake(fresh, "--lint", "--configfile", TEST_CONFIG, check=False)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "Congratulations" in out, out
+
+
+def test_slurm_profile_requests_gpus_only_for_gpu_rules(fresh):
+    p = run_snakemake(fresh, "--profile", "profiles/slurm", "-n", "--configfile", "config/paper.yaml")
+    out = p.stdout + p.stderr
+    resources = {m.group(1): m.group(2) for m in re.finditer(r"rule (\w+):\n(?:    .*\n)*?    resources: (.*)", out)}
+    assert "gpu=1" in resources["search_step"] and "gpu_model=a100" in resources["search_step"]
+    assert "mem_mb=128000" in resources["search_step"] and "runtime=720" in resources["search_step"]
+    assert "gpu=0" in resources["sample_calibration"] and "gpu_model" not in resources["sample_calibration"]
+    assert "slurm_partition=cpu" in resources["sample_calibration"]
+
+
+@pytest.mark.parametrize("change, key, message", [
+    (lambda c: c["calibration"]["alpaca"].update(nsamples=-1), "['calibration']['alpaca']['nsamples']", "less than the minimum"),
+    (lambda c: c["calibration"]["alpaca"].update(nsample=16), "['calibration']['alpaca']", "'nsample' was unexpected"),
+    (lambda c: c["prunings"].update(ratio=[1.5]), "['prunings']['ratio'][0]", "maximum"),
+    (lambda c: c.update(modles=c.pop("models")), "", "'modles' was unexpected"),
+    (lambda c: c["calibration"]["alpaca"].update(path="alpaca/missing.json"), "calibration.alpaca.path", "file not found"),
+])
+def test_config_violation_stops_before_any_job(fresh, change, key, message):
+    cfg = write_config(fresh, f"bad-{abs(hash(key + message))}", change)
+    p = run_snakemake(fresh, "-n", "--configfile", cfg, check=False)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert key in out and message in out, out
+    assert "Job stats" not in out and "rule prepare_model" not in out
+
+
+# ---------------------------------------------------------------- rerun only what changed
+
+
+def test_up_to_date_study_plans_nothing(study):
+    assert planned(study) == Counter()
+
+
+def test_task_list_change_reruns_only_task_evaluation(study):
+    cfg = write_config(study, "tasks", lambda c: c["evaluate"]["tasks"].update(tasks=["piqa", "arc_easy"]))
+    assert planned(study, cfg) == Counter({"eval_tasks": 3, "summarize": 1, "all": 1})
+
+
+def test_nsamples_change_reruns_calibration_search_and_after(study):
+    cfg = write_config(study, "nsamples", lambda c: c["calibration"]["alpaca"].update(nsamples=5))
+    plan = planned(study, cfg)
+    # the dense model's evaluations and the prepared model stay
+    assert plan == Counter({"sample_calibration": 1, "search_step": 2, "tabulate_search": 1, "materialize_model": 2,
+                            "eval_perplexity": 2, "eval_tasks": 2, "measure_speed": 2, "summarize": 1, "all": 1})
+
+
+def test_larger_k_reuses_existing_steps(study):
+    cfg = write_config(study, "k3", lambda c: c["prunings"].update(k=[1, 2, 3]))
+    plan = planned(study, cfg)
+    assert plan == Counter({"search_step": 1, "tabulate_search": 1, "materialize_model": 1, "eval_perplexity": 1,
+                            "eval_tasks": 1, "measure_speed": 1, "summarize": 1, "all": 1})
+    p = run_snakemake(study, "-n", "--configfile", cfg)
+    out = p.stdout + p.stderr
+    assert "output: results/search/gemma3-270m/alpaca/blockpruner/step_3.json" in out
+    assert "output: results/search/gemma3-270m/alpaca/blockpruner/step_2.json" not in out
+
+
+def test_ratio_target_resolves_from_existing_steps(study):
+    """A ratio target within search.max_k = 2 adds a materialisation and its evaluations only."""
+    cfg = write_config(study, "ratio", lambda c: c["prunings"].update(ratio=[0.01]))
+    assert planned(study, cfg) == Counter({"materialize_model": 1, "eval_perplexity": 1, "eval_tasks": 1,
+                                           "measure_speed": 1, "summarize": 1, "all": 1})
+    p = run_snakemake(study, "-n", "--printshellcmds", "--configfile", cfg)
+    assert "target-k --steps results/search/gemma3-270m/alpaca/blockpruner --ratio 0.01" in p.stdout + p.stderr
+
+
+def test_speed_settings_change_reruns_only_speed(study):
+    cfg = write_config(study, "speed", lambda c: c["evaluate"]["speed"].update(repeats=3))
+    assert planned(study, cfg) == Counter({"measure_speed": 3, "summarize": 1, "all": 1})
+
+
+def test_device_and_resources_are_not_rerun_triggers(study):
+    def change(c):
+        c["device"] = "auto"
+        c["resources"]["search_step"] = {"gpu": 1, "mem_mb": 9000}
+    assert planned(study, write_config(study, "device", change)) == Counter()
+
+
+def test_package_edits_rerun_the_stages_that_run_that_code(tmp_path):
+    main = copy_workflow(tmp_path)
+    mark_up_to_date(main)
+    search = main / "blockpruner" / "search.py"
+    original = search.read_text()
+    # comments and docstrings are not code
+    search.write_text(original.replace('"""Greedy block search', '"""The greedy block search', 1) + "\n# a comment\n")
+    assert planned(main) == Counter()
+    # code is: the search and everything after it reruns; preparing and sampling do not
+    search.write_text(original + "\n\ndef _new_helper():\n    return 1\n")
+    plan = planned(main)
+    assert plan["search_step"] == 2 and plan["materialize_model"] == 2 and plan["summarize"] == 1
+    assert plan["prepare_model"] == 0 and plan["sample_calibration"] == 0
+    assert plan["eval_perplexity"] == 2  # the pruned models' only; the dense model's stays
+    search.write_text(original)
+    # the summary module: only the jobs that run it
+    summary = main / "blockpruner" / "summary.py"
+    summary.write_text(summary.read_text() + "\n\nEXTRA = 1\n")
+    assert planned(main) == Counter({"summarize": 1, "tabulate_search": 1, "all": 1})
+
+
+# ---------------------------------------------------------------- GPU slots
+
+
+def gpu_job(slots: Path, devices: str, n: int, out: Path, hold: float = 1.0) -> subprocess.Popen:
+    script = f"import os, time; open({str(out)!r}, 'w').write(os.environ['CUDA_VISIBLE_DEVICES'] + ' ' + str(time.time())); time.sleep({hold})"
+    return subprocess.Popen([sys.executable, "-m", "blockpruner.gpus", "--slots-dir", str(slots), "--devices", devices,
+                             str(n), "--", sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "BLOCKPRUNER_GPU_ALLOCATOR")})
+
+
+def test_concurrent_gpu_jobs_get_distinct_devices(tmp_path):
+    slots = tmp_path / "slots"
+    jobs = [gpu_job(slots, "0,1,2", 1, tmp_path / f"job{i}.txt", hold=1.5) for i in range(3)]
+    for j in jobs:
+        assert j.wait(timeout=60) == 0, j.stderr.read()
+    seen = [(tmp_path / f"job{i}.txt").read_text().split()[0] for i in range(3)]
+    assert sorted(seen) == ["0", "1", "2"]
+
+
+def test_gpu_jobs_wait_for_a_free_slot(tmp_path):
+    """Two 1-GPU jobs on one slot run one after the other; a 2-GPU job takes both of two."""
+    slots = tmp_path / "slots"
+    a = gpu_job(slots, "7", 1, tmp_path / "a.txt", hold=1.5)
+    time.sleep(0.5)
+    b = gpu_job(slots, "7", 1, tmp_path / "b.txt", hold=0.0)
+    assert a.wait(timeout=60) == 0 and b.wait(timeout=60) == 0
+    ta, tb = ((tmp_path / f).read_text().split() for f in ("a.txt", "b.txt"))
+    assert ta[0] == tb[0] == "7"
+    assert float(tb[1]) >= float(ta[1]) + 1.4  # b started only after a released the slot
+    c = gpu_job(slots, "3,4", 2, tmp_path / "c.txt", hold=0.0)
+    assert c.wait(timeout=60) == 0
+    assert (tmp_path / "c.txt").read_text().split()[0] == "3,4"
+
+
+def test_gpu_wrapper_cpu_and_slurm(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "BLOCKPRUNER_GPU_ALLOCATOR"}
+    show = [sys.executable, "-c", "import os; print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')))"]
+    wrap = [sys.executable, "-m", "blockpruner.gpus", "--slots-dir", str(tmp_path)]
+    p = subprocess.run([*wrap, "0", "--", *show], cwd=ROOT, capture_output=True, text=True, env=env | {"CUDA_VISIBLE_DEVICES": "0"})
+    assert p.stdout.strip() == "''"  # gpu=0: no device, the command runs on the CPU
+    p = subprocess.run([*wrap, "1", "--", *show], cwd=ROOT, capture_output=True, text=True,
+                       env=env | {"SLURM_JOB_ID": "42", "CUDA_VISIBLE_DEVICES": "5"})
+    assert p.stdout.strip() == "'5'"  # SLURM assigned the device: left alone
+    p = subprocess.run([*wrap, "--devices", "0", "2", "--", *show], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert p.returncode != 0 and "needs 2 GPU(s) but 1 are available" in p.stderr
+    p = subprocess.run([*wrap, "0", "--", sys.executable, "-c", "raise SystemExit(3)"], cwd=ROOT, env=env)
+    assert p.returncode == 3  # the command's exit status comes through
+
+
+# ---------------------------------------------------------------- summary
+
+
+def fake_study(root: Path) -> list[Path]:
+    """Step and evaluation artifacts of a tiny made-up study, in the workflow's layout."""
+    from blockpruner.artifacts import write_json
+    from blockpruner.search import FORMAT
+
+    files, removed = [], []
+    for k, block in enumerate(["attn.5", "mlp.3", "attn.7"], 1):
+        removed = removed + [block]
+        files.append(root / f"search/m/alp/bp/step_{k}.json")
+        write_json(files[-1], {
+            "k": k, "removed_block": block, "ppl": 10.0 + k, "removed": removed,
+            "attn_removed": sum(b.startswith("attn") for b in removed), "mlp_removed": sum(b.startswith("mlp") for b in removed),
+            "params": {"total": 1000, "removed": 20 * k, "remaining": 1000 - 20 * k, "ratio": 0.02 * k,
+                       "total_no_embed": 500, "ratio_no_embed": 0.04 * k},
+            "settings": {}, "inputs": {}, "timing": {"elapsed_s": 1.0}}, FORMAT)
+    for i, variant in enumerate(["dense", "alp/bp/k1", "alp/bp/k3", "alp/bp/r0.05"]):
+        base = root / "eval/m" / variant
+        write_json(base / "ppl.json", {"ppl": 20.0 + i, "tokens": 100, "windows": 2}, "blockpruner.eval_ppl/1")
+        write_json(base / "tasks.json", {"tasks": {"piqa": {"metric": "acc_norm", "value": 0.7 - i / 100},
+                                                   "arc_easy": {"metric": "acc_norm", "value": 0.5}},
+                                         "average": 0.6 - i / 200}, "blockpruner.eval_tasks/1")
+        dense = variant == "dense"
+        write_json(base / "speed.json", {"model": {"gen_mean_s": 1.0, "tokens_per_s": 100.0 + i, "kv_bytes_per_token": 10,
+                                                   "peak_mem_bytes": 1, "params": 1000 - 20 * i},
+                                         "baseline": None if dense else {"gen_mean_s": 1.1},
+                                         "speedup": None if dense else 1.1, "kv_cache_reduction": None if dense else 0.25},
+                   "blockpruner.speed/1")
+        files += [base / "ppl.json", base / "tasks.json", base / "speed.json"]
+    return files
+
+
+def test_summarize_builds_table_and_plots(tmp_path):
+    from blockpruner.cli import main
+
+    files = fake_study(tmp_path / "results")
+    out = tmp_path / "out"
+    rc = main(["summarize", "--csv", str(out / "summary.csv"), "--markdown", str(out / "summary.md"),
+               "--plot-ppl", str(out / "p.png"), "--plot-accuracy", str(out / "a.png"), "--plot-blocks", str(out / "b.png"),
+               *map(str, files)])
+    assert rc == 0
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [r["pruning"] for r in rows] == ["dense", "k1", "k3", "r0.05"]
+    by = {r["pruning"]: r for r in rows}
+    assert by["dense"]["k"] == "0" and by["dense"]["speedup"] == ""
+    assert by["k3"]["k"] == "3" and by["k3"]["attn_removed"] == "2" and by["k3"]["mlp_removed"] == "1"
+    assert by["r0.05"]["k"] == "3" and math.isclose(float(by["r0.05"]["ratio"]), 0.06)  # smallest K reaching 5%
+    assert float(by["k1"]["piqa"]) == pytest.approx(0.69) and float(by["k1"]["speedup"]) == pytest.approx(1.1)
+    md = (out / "summary.md").read_text()
+    assert "| m | bp | alp | k3 | 3 (2+1) | 6.00% | 22.00 | 68.00 | 50.00 |" in md
+    for png in ("p.png", "a.png", "b.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summarize_refuses_edited_artifacts(tmp_path, capsys):
+    from blockpruner.cli import main
+
+    files = fake_study(tmp_path / "results")
+    ppl = next(f for f in files if f.name == "ppl.json")
+    ppl.write_text(ppl.read_text().replace('"ppl": 20.0', '"ppl": 2.0'))
+    rc = main(["summarize", "--csv", str(tmp_path / "s.csv"), "--markdown", str(tmp_path / "s.md"), *map(str, files)])
+    assert rc == 2 and "checksum mismatch" in capsys.readouterr().err
+
+
+def test_sequence_csv(tmp_path):
+    from blockpruner.cli import main
+
+    steps = [f for f in fake_study(tmp_path / "results") if f.name.startswith("step_")]
+    assert main(["sequence", "--out", str(tmp_path / "seq.csv"), *map(str, steps)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "seq.csv")))
+    assert [(r["k"], r["removed_block"], r["block_type"], r["layer"]) for r in rows] == [
+        ("1", "attn.5", "attn", "5"), ("2", "mlp.3", "mlp", "3"), ("3", "attn.7", "attn", "7")]
+    assert main(["sequence", "--out", str(tmp_path / "bad.csv"), str(steps[0]), str(steps[2])]) == 2  # gap
+
+
+# ---------------------------------------------------------------- end to end (real model)
+
+
+@pytest.mark.e2e
+@pytest.mark.gemma
+def test_e2e_ci_study(tmp_path):
+    """`snakemake --cores 2 --resources gpu=0 --configfile .test/config.yaml` on Gemma 3 270M
+    and ../shared/data; a prepared model in BLOCKPRUNER_GEMMA_DIR is reused (saves ~3 min)."""
+    if not DATA.exists():
+        pytest.fail(f"{DATA} not found: the end-to-end test needs ../shared/data (or BLOCKPRUNER_SHARED)")
+    main = copy_workflow(tmp_path, shared=SHARED)
+    prepared = os.environ.get("BLOCKPRUNER_GEMMA_DIR")
+    if prepared and (Path(prepared) / "manifest.json").exists():
+        dest = main / "results/models/gemma3-270m"
+        dest.mkdir(parents=True)
+        for f in Path(prepared).iterdir():
+            try:
+                os.link(f, dest / f.name)
+            except OSError:
+                shutil.copy2(f, dest / f.name)
+    run_snakemake(main, "--cores", "2", "--resources", "gpu=0", "--configfile", TEST_CONFIG, timeout=3600)
+    rows = list(csv.DictReader(open(main / "results/summary.csv")))
+    assert [(r["pruning"], r["k"]) for r in rows] == [("dense", "0"), ("k1", "1"), ("k2", "2")]
+    for r in rows:
+        assert 1 < float(r["wikitext2_ppl"]) < 1e4
+        assert 0 <= float(r["piqa"]) <= 1 and 0 <= float(r["average"]) <= 1
+        assert float(r["tokens_per_s"]) > 0
+    assert 0 < float(rows[1]["ratio"]) < float(rows[2]["ratio"]) < 0.1
+    for r in rows[1:]:
+        assert float(r["speedup"]) > 0 and 0 <= float(r["kv_cache_reduction"]) < 1
+    seq = list(csv.DictReader(open(main / "results/search/gemma3-270m/alpaca/blockpruner/sequence.csv")))
+    assert [r["k"] for r in seq] == ["1", "2"]
+    assert planned(main) == Counter()  # a second run has nothing to do

@@ -1,0 +1,35 @@
+# Stage 6: one table shaped like the paper's Table 1 (results/summary.csv / .md) and plots.
+
+
+rule summarize:
+    input:
+        evals=eval_outputs(),
+        steps=search_outputs(),
+    output:
+        csv=report("results/summary.csv", caption="../report/summary.rst", category="Summary"),
+        md="results/summary.md",
+        ppl_plot=report("results/plots/ppl_vs_ratio.png", caption="../report/ppl_vs_ratio.rst", category="Plots"),
+        acc_plot=report(
+            "results/plots/accuracy_vs_ratio.png", caption="../report/accuracy_vs_ratio.rst", category="Plots"
+        ),
+        blocks_plot=report(
+            "results/plots/blocks_per_step.png", caption="../report/blocks_per_step.rst", category="Plots"
+        ),
+    params:
+        ratio_of=lookup(dpath="prunings/ratio_of", within=config),
+        code=code_hash("summarize"),
+    log:
+        "logs/summarize.log",
+    benchmark:
+        "logs/benchmarks/summarize.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_resources("summarize")["threads"]
+    resources:
+        gpu=0,
+        mem_mb=rule_resources("summarize")["mem_mb"],
+        runtime=rule_resources("summarize")["runtime"],
+    shell:
+        "python -m blockpruner.cli summarize --csv {output.csv:q} --markdown {output.md:q} --ratio-of {params.ratio_of}"
+        " --plot-ppl {output.ppl_plot:q} --plot-accuracy {output.acc_plot:q} --plot-blocks {output.blocks_plot:q}"
+        " {input.evals:q} {input.steps:q} > {log} 2>&1"
