@@ -65,20 +65,33 @@ def cmd_sample_calibration(a: argparse.Namespace) -> None:
 def cmd_step(a: argparse.Namespace) -> None:
     from .blocks import PrunableModel
     from .calibration import load_calibration
-    from .search import StepSettings, check_budget, load_previous, search_step, write_step
+    from .search import StepSettings, check_budget, load_previous, parse_shard, search_step, write_shard, write_step
     from .sources import load_prepared, read_manifest
 
-    settings = StepSettings(candidates=a.candidates)
+    settings = StepSettings.make(a.candidates, a.screen_windows, a.confirm_top, a.candidates_by_bi)
     settings.validate()
+    shard = parse_shard(a.shard) if a.shard else None
+    if shard and settings.mode != "exact":
+        raise UserError("--shard splits exact steps only; run a screened step unsharded")
     manifest = read_manifest(a.model)
     calib = load_calibration(a.calib)
-    removed, _ = load_previous(a.prev, a.k, manifest["content_hash"], calib.hash, settings)
+    removed, prev = load_previous(a.prev, a.k, manifest["content_hash"], calib.hash, settings)
     check_budget(manifest["num_layers"], removed, settings, a.k)
     model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map, tokenizer=False)
     inputs = {"model": str(a.model), "model_hash": manifest["content_hash"], "calibration": str(a.calib),
               "calibration_hash": calib.hash, "previous_step": str(a.prev) if a.prev else None}
-    record = search_step(PrunableModel.wrap(model), calib.windows, a.k, removed, settings, inputs, progress=not a.no_progress)
+    record = search_step(PrunableModel.wrap(model), calib.windows, a.k, removed, settings, inputs, progress=not a.no_progress,
+                         prev=prev, early_stop=not a.no_early_stop, shard=shard)
+    (write_shard if shard else write_step)(a.out, record)
+
+
+def cmd_gather_step(a: argparse.Namespace) -> None:
+    from .search import gather_shards, read_shard, write_step
+
+    record = gather_shards([read_shard(p) for p in a.shards], [str(p) for p in a.shards])
     write_step(a.out, record)
+    log.info("step %d gathered from %d shards: removed %s -> ppl %.4f -> %s", record["k"], len(a.shards),
+             record["removed_block"], record["ppl"], a.out)
 
 
 def cmd_target_k(a: argparse.Namespace) -> None:
@@ -172,6 +185,68 @@ def cmd_summarize(a: argparse.Namespace) -> None:
     log.info("summary of %d evaluated models -> %s, %s", len(rows), a.csv, a.markdown)
 
 
+def cmd_baseline_step(a: argparse.Namespace) -> None:
+    from .baselines import baseline_step, check_step, settings_for
+    from .blocks import PrunableModel
+    from .calibration import load_calibration
+    from .search import load_previous, write_step
+    from .sources import load_prepared, read_manifest
+
+    settings = settings_for(a.method, a.candidates)
+    manifest = read_manifest(a.model)
+    calib = load_calibration(a.calib)
+    removed, prev = load_previous(a.prev, a.k, manifest["content_hash"], calib.hash, settings)
+    check_step(settings, manifest["num_layers"], a.k, removed, prev)
+    model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map, tokenizer=False)
+    inputs = {"model": str(a.model), "model_hash": manifest["content_hash"], "calibration": str(a.calib),
+              "calibration_hash": calib.hash, "previous_step": str(a.prev) if a.prev else None}
+    record = baseline_step(PrunableModel.wrap(model), calib.windows, a.k, removed, settings, inputs, prev=prev,
+                           progress=not a.no_progress)
+    write_step(a.out, record)
+
+
+def cmd_analyze_bi(a: argparse.Namespace) -> None:
+    from .analyses import bi_layer_vs_block
+    from .blocks import PrunableModel
+    from .calibration import load_calibration
+    from .sources import load_prepared, read_manifest
+
+    if a.max_windows is not None and a.max_windows < 1:
+        raise UserError(f"--max-windows must be a positive integer, got {a.max_windows}")
+    read_manifest(a.model)
+    calib = load_calibration(a.calib)
+    model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map, tokenizer=False)
+    rows = bi_layer_vs_block(PrunableModel.wrap(model), calib.windows[: a.max_windows], a.csv, a.png,
+                             title=f"layer vs block importance: {Path(a.model).name}")
+    log.info("BI / RM of %d layers and their blocks -> %s, %s", len(rows), a.csv, a.png)
+
+
+def cmd_analyze(a: argparse.Namespace) -> None:
+    from . import analyses
+
+    if a.kind == "ratio":
+        rows = analyses.metrics_vs_ratio(a.files, a.csv, a.png, ratio_of=a.ratio_of)
+    elif a.kind == "attention":
+        rows = analyses.attention_share(a.files, a.csv, a.png, ratio_of=a.ratio_of)
+    elif a.kind == "calibration":
+        bad = [x for x in a.calib_dir if "=" not in x]
+        if bad:
+            raise UserError(f"--calib-dir {bad[0]!r}: expected NAME=DIR")
+        dirs = dict(x.split("=", 1) for x in a.calib_dir)
+        rows = analyses.calibration_effect(a.files, a.csv, a.png, ratio=a.ratio, calib_dirs=dirs, ratio_of=a.ratio_of)
+    else:
+        rows = analyses.pruning_time(a.files, a.csv, a.png, ratio=a.ratio, ratio_of=a.ratio_of)
+    log.info("%s analysis: %d rows -> %s, %s", a.kind, len(rows), a.csv, a.png)
+
+
+def cmd_match_budgets(a: argparse.Namespace) -> None:
+    from .analyses import budget_table
+
+    rows = budget_table(a.files, a.ratio, a.csv, ratio_of=a.ratio_of)
+    for r in rows:
+        print(f"{r['model']}\t{r['calib']}\t{r['method']}\tK={r['k']}\tratio={r['ratio']:.4f}")
+
+
 def cmd_architectures(a: argparse.Namespace) -> None:
     from .adapters import ADAPTERS
 
@@ -215,9 +290,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, required=True, help="step number (1 = first block removed)")
     p.add_argument("--prev", default=None, help="step_<k-1>.json (required for k > 1)")
     p.add_argument("--candidates", default="all", help="all (default), attn or mlp")
-    p.add_argument("--out", required=True, help="output step_<k>.json")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="score every candidate on every window (default: stop a candidate once its running NLL exceeds "
+                        "the total of the previous step's best-ranked candidate; exact, same chosen block)")
+    p.add_argument("--shard", default=None, metavar="i/N",
+                   help="score only shard i of N (0-based, round-robin over the tie-ordered candidates) and write a "
+                        "partial artifact for gather-step (exact steps only)")
+    p.add_argument("--screen-windows", type=int, default=None, metavar="S",
+                   help="screened (approximate) step: score every candidate on the first S windows only ...")
+    p.add_argument("--confirm-top", type=int, default=None, metavar="M",
+                   help="... and finish the best M of them on all windows (with --screen-windows)")
+    p.add_argument("--candidates-by-bi", type=int, default=None, metavar="R",
+                   help="screened (approximate) step: consider only the R blocks whose layers have the lowest Block "
+                        "Influence on the current model")
+    p.add_argument("--out", required=True, help="output step_<k>.json (with --shard: the shard's partial artifact)")
     _progress_args(p)
     p.set_defaults(func=cmd_step)
+
+    p = sub.add_parser("gather-step", help="combine the shard artifacts of one step -> step_<k>.json",
+                       description="Pick the winner over the partial artifacts written by `step --shard i/N` for i = "
+                                   "0..N-1. The result equals the unsharded step except cost (summed over shards), "
+                                   "timing and a `shards` field.")
+    p.add_argument("--shards", nargs="+", required=True, help="the N shard artifacts of one step")
+    p.add_argument("--out", required=True, help="output step_<k>.json")
+    p.set_defaults(func=cmd_gather_step)
 
     p = sub.add_parser("target-k", help="smallest K reaching a pruning ratio, from step artifacts")
     p.add_argument("--steps", required=True, help="directory holding step_<k>.json files")
@@ -315,6 +411,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot-accuracy", default=None, help="output .png: average accuracy vs pruning ratio")
     p.add_argument("--plot-blocks", default=None, help="output .png: attention vs MLP blocks removed per step")
     p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("baseline-step", help="one step of a baseline / ablation method -> step_<k>.json",
+                       description="Step k of a baseline, written in the search's step format. Methods: oneshot "
+                                   "(block ppl once on the dense model; '- search'), layer (iterative whole-layer ppl; "
+                                   "'- block'), shortgpt (lowest Block Influence layers), relative-magnitude (lowest "
+                                   "||f(x)||/||x+f(x)|| layers), bi-block / rm-block / js (iterative block-level BI, RM, "
+                                   "JS divergence to the dense model), blockpruner (= `step`). Layer-level methods count "
+                                   "K in layers. One-shot methods rank once at k=1; later steps read that ranking from --prev.")
+    _model_args(p)
+    p.add_argument("--method", required=True, help="oneshot, layer, shortgpt, relative-magnitude, bi-block, rm-block, js "
+                                                   "or blockpruner")
+    p.add_argument("--calib", required=True, help="calibration artifact directory")
+    p.add_argument("--k", type=int, required=True, help="step number (layer-level methods: layers removed)")
+    p.add_argument("--prev", default=None, help="step_<k-1>.json of the same method (required for k > 1)")
+    p.add_argument("--candidates", default="all", help="all (default), attn or mlp (block-level methods only)")
+    p.add_argument("--out", required=True, help="output step_<k>.json")
+    _progress_args(p)
+    p.set_defaults(func=cmd_baseline_step)
+
+    p = sub.add_parser("analyze-bi", help="Figure 1: BI (and RM) of layers vs attention / MLP blocks -> CSV + PNG",
+                       description="Block Influence 1 - cos(input, output) and relative magnitude of every layer and "
+                                   "every block of the dense model, averaged over the calibration tokens.")
+    _model_args(p)
+    p.add_argument("--calib", required=True, help="calibration artifact directory")
+    p.add_argument("--max-windows", type=int, default=None, help="use only the first N windows (default: all)")
+    p.add_argument("--csv", required=True, help="output .csv (one row per layer)")
+    p.add_argument("--png", required=True, help="output .png")
+    p.set_defaults(func=cmd_analyze_bi)
+
+    analyses_help = {"ratio": "Figures 4/6/10: perplexity and accuracy vs pruning ratio per method",
+                     "attention": "Figure 5: share of attention blocks among those removed, per step",
+                     "calibration": "Figure 7: effect of the calibration set and its sample count",
+                     "time": "Table 7: selection time of each method to reach a budget"}
+    for kind, text in analyses_help.items():
+        p = sub.add_parser(f"analyze-{kind}", help=f"{text} -> CSV + PNG",
+                           description=f"{text}. FILES are step_<k>.json and eval {{ppl,tasks}}.json artifacts (or "
+                                       "folders holding them) in the workflow's layout: <model>/<calib>/<method>/"
+                                       "step_<k>.json, <model>/dense/<kind>.json, <model>/<calib>/<method>/<pruning>/"
+                                       "<kind>.json.")
+        p.add_argument("files", nargs="+", help="step / evaluation artifacts or folders")
+        p.add_argument("--csv", required=True, help="output .csv")
+        p.add_argument("--png", required=True, help="output .png")
+        p.add_argument("--ratio-of", default="all", choices=["all", "no_embed"], help="ratio of all (default) or "
+                                                                                      "non-embedding parameters")
+        if kind in ("calibration", "time"):
+            p.add_argument("--ratio", type=float, default=None, help="compare at each search's K nearest this ratio")
+        if kind == "calibration":
+            p.add_argument("--calib-dir", action="append", default=[], metavar="NAME=DIR",
+                           help="calibration artifact of set NAME (default: the path the steps recorded)")
+        p.set_defaults(func=cmd_analyze, kind=kind)
+
+    p = sub.add_parser("match-budgets", help="each search's K whose pruning ratio is nearest a target",
+                       description="The paper's budget matching across methods: for each search in FILES, the K "
+                                   "whose parameter ratio is nearest --ratio (ties: smaller K).")
+    p.add_argument("files", nargs="+", help="step / evaluation artifacts or folders")
+    p.add_argument("--ratio", type=float, required=True, help="target ratio, e.g. 0.25")
+    p.add_argument("--ratio-of", default="all", choices=["all", "no_embed"])
+    p.add_argument("--csv", default=None, help="also write the matched rows (with their metrics) as .csv")
+    p.set_defaults(func=cmd_match_budgets)
 
     p = sub.add_parser("architectures", help="list supported model types")
     p.set_defaults(func=cmd_architectures)

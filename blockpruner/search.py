@@ -10,6 +10,25 @@ shared); bit-identical NLLs are broken by attention-before-MLP, then ascending l
 reference implementation's enumeration order. Non-finite candidates are recorded and never
 chosen; a step in which every candidate is non-finite stops with an error.
 
+Exact steps (`mode: exact`, the default) choose exactly the block plain greedy chooses.
+By default they stop losers early (`evaluator.score_exact`): the candidate ranked best by
+the previous step (`prev`) is scored first and its total bounds the others; a candidate
+whose running NLL exceeds it is recorded with status "stopped" and its partial NLL. The
+chosen block and every finished NLL are those of scoring everything (`early_stop=False`).
+
+Sharded steps: `shard=(i, n)` scores only candidates i, i+n, i+2n, ... of the tie-ordered
+candidate list (plus the seed, which every shard scores to get the same bound) and returns
+a partial record (format `blockpruner.step-shard/1`); `gather_shards` picks the winner. The
+gathered step equals the unsharded one except for `cost` (the work of all shards, summed),
+`timing`, and a `shards` field listing each shard's work.
+
+Screened steps (`mode: screened`, opt-in, approximate): `bi_candidates=R` keeps the R
+candidates whose layers have the lowest Block Influence on the current model;
+`screen_windows=S, confirm_top=M` scores every candidate on the first S windows, keeps the
+best M (the rest get status "screened") and finishes those on all windows with exact early
+stopping. The choice is the best of the M, not necessarily plain greedy's. The settings
+record the mode, so `load_previous` never chains a screened step into an exact one.
+
 A step artifact records its inputs' hashes (model content, calibration manifest, previous
 step) and its settings; `load_previous` refuses a previous step made for other inputs.
 """
@@ -26,25 +45,64 @@ from . import __version__
 from .artifacts import read_json, write_json
 from .blocks import PrunableModel, block_names, parse_block, tie_order
 from .errors import UserError
-from .evaluator import Cost, rank, score_candidates
+from .evaluator import Cost, Score, layer_influence, rank, score_candidates, score_exact
 
 FORMAT = "blockpruner.step/1"
+SHARD_FORMAT = "blockpruner.step-shard/1"
 CANDIDATE_SETS = ("all", "attn", "mlp")
+MODES = ("exact", "screened")
+SCREEN_FIELDS = ("screen_windows", "confirm_top", "bi_candidates")
 log = logging.getLogger("blockpruner.search")
 
 
 @dataclass(frozen=True)
 class StepSettings:
-    """Everything besides the inputs that decides a step's result (recorded and compared)."""
+    """Everything besides the inputs that decides a step's result (recorded and compared).
+
+    Early stopping and sharding are not settings: they never change the chosen block or a
+    finished score.
+    """
 
     method: str = "blockpruner"
     metric: str = "ppl"
     candidates: str = "all"
     mode: str = "exact"
+    screen_windows: int | None = None  # screened: score every candidate on the first S windows
+    confirm_top: int | None = None  # screened: finish the best M of them on all windows
+    bi_candidates: int | None = None  # screened: only the R blocks whose layers have the lowest BI
+
+    @classmethod
+    def make(cls, candidates: str = "all", screen_windows: int | None = None, confirm_top: int | None = None,
+             bi_candidates: int | None = None, **kw) -> "StepSettings":
+        """Settings with the mode implied by the screening options (any given -> screened)."""
+        screened = any(v is not None for v in (screen_windows, confirm_top, bi_candidates))
+        return cls(candidates=candidates, mode="screened" if screened else "exact", screen_windows=screen_windows,
+                   confirm_top=confirm_top, bi_candidates=bi_candidates, **kw)
 
     def validate(self) -> None:
         if self.candidates not in CANDIDATE_SETS:
             raise UserError(f"unknown candidate set {self.candidates!r}; use one of: {', '.join(CANDIDATE_SETS)}")
+        if self.mode not in MODES:
+            raise UserError(f"unknown search mode {self.mode!r}; use one of: {', '.join(MODES)}")
+        given = {f: getattr(self, f) for f in SCREEN_FIELDS if getattr(self, f) is not None}
+        if self.mode == "exact" and given:
+            raise UserError(f"an exact step takes no screening options ({', '.join(given)}); use mode 'screened'")
+        if self.mode == "screened" and not given:
+            raise UserError("a screened step needs --screen-windows S with --confirm-top M, and/or --candidates-by-bi R")
+        if (self.screen_windows is None) != (self.confirm_top is None):
+            raise UserError("--screen-windows and --confirm-top go together: score all on S windows, finish the best M")
+        for f, v in given.items():
+            if not isinstance(v, int) or v < 1:
+                raise UserError(f"{f} must be a positive integer, got {v!r}")
+
+    def as_dict(self) -> dict:
+        """What the step records (and `load_previous` compares); exact steps omit the screening fields."""
+        d = asdict(self)
+        if self.mode == "exact":
+            for f in SCREEN_FIELDS:
+                if d[f] is None:
+                    del d[f]
+        return d
 
 
 def candidate_blocks(num_layers: int, removed: list[str], candidates: str) -> list[str]:
@@ -73,8 +131,8 @@ def load_previous(prev: str | Path | None, k: int, model_hash: str, calib_hash: 
         raise UserError(f"{prev}: stale, made for another model (content hash differs); delete it and rerun the search")
     if step["inputs"]["calibration_hash"] != calib_hash:
         raise UserError(f"{prev}: stale, made with other calibration data; delete it and rerun the search")
-    if step["settings"] != asdict(settings):
-        raise UserError(f"{prev}: made with settings {step['settings']}, not {asdict(settings)}; use a separate output folder")
+    if step["settings"] != settings.as_dict():
+        raise UserError(f"{prev}: made with settings {step['settings']}, not {settings.as_dict()}; use a separate output folder")
     return list(step["removed"]), step
 
 
@@ -87,27 +145,129 @@ def check_budget(num_layers: int, removed: list[str], settings: StepSettings, k:
     return cands
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """`i/N` (0 <= i < N) -> (i, N)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"bad shard {text!r}: expected i/N, e.g. 0/2 (shards are numbered 0..N-1)") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"bad shard {text!r}: need N >= 1 and 0 <= i < N (shards are numbered 0..N-1)")
+    return i, n
+
+
+def shard_candidates(cands: list[str], shard: tuple[int, int] | None) -> list[str]:
+    """Shard i of n: round-robin over the tie-ordered candidates."""
+    if shard is None:
+        return list(cands)
+    i, n = shard
+    return list(cands[i::n])
+
+
+def _prefer(prev: dict | None) -> list[str]:
+    """The previous step's ranking (its `scores` order), the early-stop seed preference."""
+    return [s["block"] for s in prev.get("scores", [])] if prev else []
+
+
+def _screened(pm: PrunableModel, windows, cands: list[str], settings: StepSettings, early_stop: bool, cost: Cost,
+              on_progress) -> tuple[dict[str, Score], dict]:
+    """Screened scoring: BI preselection and/or screen on S windows + exact confirmation of the best M."""
+    info: dict = {}
+    if settings.bi_candidates is not None:
+        bi = layer_influence(pm, windows, cost)
+        by_bi = sorted(cands, key=lambda b: (bi[parse_block(b)[1]], tie_order(b)))
+        cands = sorted(by_bi[: settings.bi_candidates], key=tie_order)
+        info["block_influence"] = {str(i): v for i, v in bi.items()}
+        info["bi_kept"] = cands
+    if settings.screen_windows is None:
+        res = score_exact(pm, windows, cands, early_stop=early_stop, cost=cost, on_progress=on_progress)
+        return res.scores, info | res.info()
+    s_win = min(settings.screen_windows, len(windows))
+    screen = score_candidates(pm, windows[:s_win], cands, cost=cost, on_progress=on_progress)
+    order = [s.block for s in rank(screen) if s.status == "done"]
+    kept = order[: settings.confirm_top]
+    for b in order[settings.confirm_top:]:
+        screen[b].status = "screened"
+    res = score_exact(pm, windows[s_win:], sorted(kept, key=tie_order), prefer=kept, early_stop=early_stop,
+                      start={b: screen[b] for b in kept}, seed_from="screen", cost=cost, on_progress=on_progress)
+    info["confirmed"] = kept
+    return screen | res.scores, info | res.info()
+
+
 def search_step(pm: PrunableModel, windows, k: int, removed: list[str], settings: StepSettings, inputs: dict,
-                progress: bool = True) -> dict:
-    """Score every candidate on top of `removed`, choose the best, return the step record."""
+                progress: bool = True, *, prev: dict | None = None, early_stop: bool = True,
+                shard: tuple[int, int] | None = None) -> dict:
+    """Score the candidates on top of `removed`, choose the best, return the step record.
+
+    prev: the previous step's record; its ranking picks the early-stop seed (any order is
+      exact, a good one stops more losers). early_stop: stop losers early (exact).
+    shard: (i, n) -> score only shard i of n and return a partial record for `gather_shards`.
+    """
     from tqdm.auto import tqdm
 
+    settings.validate()
     cands = check_budget(pm.num_layers, removed, settings, k)
+    if shard is not None and settings.mode != "exact":
+        raise UserError("--shard splits exact steps only; run a screened step unsharded")
     t0 = time.perf_counter()
     pm.set_removed(removed)
     cost = Cost()
-    with tqdm(total=len(cands) * len(windows), desc=f"step {k}", unit="cand·win", disable=not progress) as bar:
-        scores = score_candidates(pm, windows, cands, cost=cost, on_progress=bar.update)
+    owned = shard_candidates(cands, shard)
+    total = len(owned) * len(windows)
+    with tqdm(total=total, desc=f"step {k}", unit="cand·win", disable=not progress) as bar:
+        if settings.mode == "exact":
+            res = score_exact(pm, windows, cands, prefer=_prefer(prev), early_stop=early_stop, owned=owned, cost=cost,
+                              on_progress=bar.update)
+            scores, info = res.scores, res.info()
+        else:
+            scores, info = _screened(pm, windows, cands, settings, early_stop, cost, bar.update)
+    info = {"mode": settings.mode, **info}
+    elapsed = time.perf_counter() - t0
+    if shard is not None:
+        record = {
+            "k": k,
+            "shard": {"index": shard[0], "count": shard[1]},
+            "candidates": cands,
+            "owned": owned,
+            "removed_before": list(removed),
+            "scores": [scores[c].as_dict() for c in owned],
+            "params_by_candidate": {c: pm.param_summary(list(removed) + [c]) for c in owned},
+            "settings": settings.as_dict(),
+            "inputs": inputs,
+            "search": info,
+            "cost": cost.as_dict(),
+            "software": {"blockpruner": __version__},
+            "timing": {"elapsed_s": elapsed},
+        }
+        pm.set_removed(removed)
+        log.info("step %d shard %d/%d: scored %d of %d candidates", k, shard[0], shard[1], len(owned), len(cands))
+        return record
     ranked = rank(scores)
+    best = _check_best(k, ranked)
+    record = _step_record(k, removed, ranked, pm.param_summary(list(removed) + [best.block]), settings, inputs, info,
+                          cost, {"elapsed_s": elapsed})
+    pm.set_removed(removed)
+    return record
+
+
+def _check_best(k: int, ranked: list[Score]) -> Score:
     for s in ranked:
         if s.status == "nonfinite":
             log.warning("step %d: candidate %s has non-finite perplexity; it will not be chosen", k, s.block)
     best = ranked[0]
     if best.status != "done":
         raise UserError(f"step {k}: every candidate gave a non-finite perplexity; use fp32 (--dtype fp32) or check the model")
-    chosen = removed + [best.block]
-    params = pm.param_summary(chosen)
-    record = {
+    return best
+
+
+def _step_record(k: int, removed: list[str], ranked: list[Score], params: dict, settings: StepSettings, inputs: dict,
+                 info: dict, cost: Cost, timing: dict) -> dict:
+    best = ranked[0]
+    chosen = list(removed) + [best.block]
+    stopped = sum(s.status == "stopped" for s in ranked)
+    log.info("step %d: removed %s -> ppl %.4f (ratio %.2f%%); %d of %d candidates stopped early", k, best.block, best.ppl,
+             100 * params["ratio"], stopped, len(ranked))
+    return {
         "k": k,
         "removed_block": best.block,
         "ppl": best.ppl,
@@ -118,14 +278,67 @@ def search_step(pm: PrunableModel, windows, k: int, removed: list[str], settings
         "mlp_removed": sum(parse_block(b)[0] == "mlp" for b in chosen),
         "params": params,
         "scores": [s.as_dict() for s in ranked],
-        "settings": asdict(settings),
+        "settings": settings.as_dict(),
         "inputs": inputs,
+        "search": info,
         "cost": cost.as_dict(),
         "software": {"blockpruner": __version__},
-        "timing": {"elapsed_s": time.perf_counter() - t0},
+        "timing": timing,
     }
-    pm.set_removed(removed)
-    log.info("step %d: removed %s -> ppl %.4f (ratio %.2f%%)", k, best.block, best.ppl, 100 * params["ratio"])
+
+
+def write_shard(path: str | Path, record: dict) -> dict:
+    return write_json(path, record, SHARD_FORMAT)
+
+
+def read_shard(path: str | Path) -> dict:
+    return read_json(path, SHARD_FORMAT)
+
+
+def gather_shards(shards: list[dict], names: list[str] | None = None) -> dict:
+    """The step record of a step scored as shards (`search_step(..., shard=(i, n))`).
+
+    Refuses shards of different steps, inputs, settings or bounds, and missing or repeated
+    shards. The result is the unsharded step's record except `cost` (summed over shards),
+    `timing` and the added `shards` list.
+    """
+    names = names or [f"shard {i}" for i in range(len(shards))]
+    if not shards:
+        raise UserError("gather-step needs at least one shard file")
+    first = shards[0]
+    count = first["shard"]["count"]
+    for name, s in zip(names, shards):
+        for key in ("k", "candidates", "removed_before", "settings", "inputs", "search"):
+            if s[key] != first[key]:
+                raise UserError(f"{name}: its {key!r} differs from {names[0]}'s; all shards must come from the same step "
+                                "run (same --k, --prev, model, calibration and settings)")
+        if s["shard"]["count"] != count:
+            raise UserError(f"{name}: is a shard of {s['shard']['count']}, not of {count}")
+    index = sorted(s["shard"]["index"] for s in shards)
+    if index != list(range(count)):
+        missing = sorted(set(range(count)) - set(index))
+        raise UserError(f"need shards 0..{count - 1} exactly once, got {index}" + (f" (missing {missing})" if missing else ""))
+    cands = first["candidates"]
+    scores: dict[str, Score] = {}
+    params: dict[str, dict] = {}
+    for s in sorted(shards, key=lambda s: s["shard"]["index"]):
+        if s["owned"] != shard_candidates(cands, (s["shard"]["index"], count)):
+            raise UserError(f"shard {s['shard']['index']}/{count}: scored {s['owned']}, not its round-robin share")
+        for d in s["scores"]:
+            scores[d["block"]] = Score.from_dict(d)
+        params |= s["params_by_candidate"]
+    ranked = rank(scores)
+    k = first["k"]
+    best = _check_best(k, ranked)
+    cost = Cost()
+    for s in shards:
+        cost += Cost.from_dict(s["cost"])
+    elapsed = [s["timing"]["elapsed_s"] for s in sorted(shards, key=lambda s: s["shard"]["index"])]
+    settings = StepSettings(**first["settings"])
+    record = _step_record(k, first["removed_before"], ranked, params[best.block], settings, first["inputs"],
+                          first["search"], cost, {"elapsed_s": max(elapsed), "shards_elapsed_s": elapsed})
+    record["shards"] = [{"index": s["shard"]["index"], "count": count, "candidates": s["owned"], "cost": s["cost"],
+                         "timing": s["timing"]} for s in sorted(shards, key=lambda s: s["shard"]["index"])]
     return record
 
 
