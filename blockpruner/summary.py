@@ -81,14 +81,23 @@ def sequence_rows(steps: list[dict]) -> list[dict]:
 def read_steps(paths: list[str | Path]) -> list[dict]:
     from .search import read_step
 
-    steps = [read_step(p) for p in paths]
-    ks = sorted(s["k"] for s in steps)
-    if ks != list(range(1, len(ks) + 1)):
-        raise UserError(f"steps must be 1..K without gaps, got k = {ks}")
+    return read_chain([read_step(p) for p in paths])
+
+
+def read_chain(steps: list[dict], label: str = "steps") -> list[dict]:
+    """Steps 1..K in order, each continuing the previous one.
+
+    A step adds one block (block-level methods) or a whole layer's two blocks (layer-level
+    methods), so step k's `removed` must start with step k-1's and be longer.
+    """
     chain = sorted(steps, key=lambda s: s["k"])
+    ks = [s["k"] for s in chain]
+    if ks != list(range(1, len(ks) + 1)):
+        raise UserError(f"{label}: steps must be 1..K without gaps, got k = {ks}")
     for prev, cur in zip(chain, chain[1:]):
-        if cur["removed"][:-1] != prev["removed"]:
-            raise UserError(f"step {cur['k']} does not continue step {prev['k']} (stale file?); rerun the search")
+        n = len(prev["removed"])
+        if len(cur["removed"]) <= n or cur["removed"][:n] != prev["removed"]:
+            raise UserError(f"{label}: step {cur['k']} does not continue step {prev['k']} (stale file?); rerun the search")
     return chain
 
 
