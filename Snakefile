@@ -31,12 +31,15 @@ include: "workflow/rules/search.smk"
 include: "workflow/rules/prune.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/summary.smk"
+include: "workflow/rules/analyses.smk"
 
 
 localrules:
     all,
     tabulate_search,
     summarize,
+    analyze_study,
+    analyses,
 
 
 rule all:
@@ -44,3 +47,4 @@ rule all:
     input:
         rules.summarize.output,
         sequence_outputs(),
+        rules.analyses.input if config["analyses"]["enabled"] else [],

@@ -384,7 +384,21 @@ def test_e2e_ci_study(tmp_path):
                 shutil.copy2(f, dest / f.name)
     run_snakemake(main, "--cores", "2", "--resources", "gpu=0", "--configfile", TEST_CONFIG, timeout=3600)
     rows = list(csv.DictReader(open(main / "results/summary.csv")))
-    assert [(r["pruning"], r["k"]) for r in rows] == [("dense", "0"), ("k1", "1"), ("k2", "2")]
+    assert [(r["method"], r["pruning"], r["k"]) for r in rows] == [
+        ("dense", "dense", "0"), ("blockpruner", "k1", "1"), ("blockpruner", "k2", "2"),
+        ("shortgpt", "k1", "1"), ("shortgpt", "k2", "2")]
+    shortgpt = rows[3:]
+    rows = rows[:3]
+    for r in shortgpt:  # a layer per step: two blocks, a larger ratio than one block
+        assert int(r["attn_removed"]) == int(r["mlp_removed"]) == int(r["k"])
+        assert float(r["ratio"]) > float(rows[int(r["k"])]["ratio"])
+        assert 1 < float(r["wikitext2_ppl"]) < 1e5
+    for kind in ("ratio", "attention", "time"):  # the comparison analyses
+        table = list(csv.DictReader(open(main / f"results/analyses/{kind}.csv")))
+        assert {r["method"] for r in table} == {"blockpruner", "shortgpt"}
+        assert (main / f"results/analyses/{kind}.png").stat().st_size > 10_000
+    bi = list(csv.DictReader(open(main / "results/analyses/gemma3-270m/alpaca/bi_layer_vs_block.csv")))
+    assert len(bi) == 18
     for r in rows:
         assert 1 < float(r["wikitext2_ppl"]) < 1e4
         assert 0 <= float(r["piqa"]) <= 1 and 0 <= float(r["average"]) <= 1

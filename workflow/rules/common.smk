@@ -108,6 +108,12 @@ def step_path(model, calib, method, k):
     return f"results/search/{model}/{calib}/{method}/step_{k}.json"
 
 
+def step_command(wildcards):
+    """The subcommand writing one step: `step` for BlockPruner, `baseline-step` for the rest."""
+    algorithm = config["methods"][wildcards.method]["algorithm"]
+    return "step" if algorithm == "blockpruner" else f"baseline-step --method {algorithm}"
+
+
 def steps_upto(wildcards, n):
     return [step_path(wildcards.model, wildcards.calib, wildcards.method, i) for i in range(1, n + 1)]
 

@@ -17,7 +17,8 @@ rule search_step:
         prev=lambda wildcards, input: f"--prev {shlex.quote(input.prev[0])}" if input.prev else "",
         model_dir=dirname_of("model"),
         calib_dir=dirname_of("calib"),
-        code=code_hash("step"),
+        command=step_command,
+        code=lambda wildcards: code_hash(step_command(wildcards).split()[0]),
     log:
         "logs/search_step/{model}/{calib}/{method}/step_{k}.log",
     benchmark:
@@ -30,7 +31,7 @@ rule search_step:
         mem_mb=rule_resources("search_step")["mem_mb"],
         runtime=rule_resources("search_step")["runtime"],
     shell:
-        "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli step --model {params.model_dir:q} --calib {params.calib_dir:q}"
+        "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli {params.command} --model {params.model_dir:q} --calib {params.calib_dir:q}"
         " --k {wildcards.k} {params.prev} --candidates {params.candidates} {params.device_map}"
         " --device auto --no-progress --out {output.step:q} > {log} 2>&1"
 
