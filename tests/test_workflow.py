@@ -60,6 +60,13 @@ def copy_workflow(dest: Path, shared: Path | None = None) -> Path:
             (data / rel).parent.mkdir(parents=True, exist_ok=True)
             (data / rel).write_text("placeholder: dry runs never read it\n")
         (data / "evals" / "piqa").mkdir(parents=True)
+        # dry runs plan the CI study with its one BlockPruner method and no analyses, so the
+        # job counts below read as the pipeline's stages (the ShortGPT baseline and the
+        # analyses run for real in test_e2e_ci_study)
+        cfg = yaml.safe_load((main / TEST_CONFIG).read_text())
+        cfg["methods"] = {"blockpruner": cfg["methods"]["blockpruner"]}
+        cfg["analyses"]["enabled"] = False
+        (main / TEST_CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
     return main
 
 

@@ -17,6 +17,7 @@ rule sample_calibration:
         seed=lookup(dpath="calibration/{calib}/seed", within=config),
         seqlen=lookup(dpath="calibration/{calib}/seqlen", within=config),
         mode=lookup(dpath="calibration/{calib}/mode", within=config),
+        max_windows=option("--max-windows", "calibration/{calib}/max_windows"),
         model_dir=dirname_of("model"),
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
         code=code_hash("sample-calibration"),
@@ -34,5 +35,5 @@ rule sample_calibration:
     shell:
         "python -m blockpruner.cli sample-calibration --model {params.model_dir:q} --data {params.data:q} {params.hub_config}"
         " --split {params.split:q} --text-field {params.text_field:q} --nsamples {params.nsamples}"
-        " --seed {params.seed} --seqlen {params.seqlen} --mode {params.mode} --out {params.out_dir:q}"
+        " --seed {params.seed} --seqlen {params.seqlen} --mode {params.mode} {params.max_windows} --out {params.out_dir:q}"
         " > {log} 2>&1"
