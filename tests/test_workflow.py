@@ -10,8 +10,10 @@ run on the real Gemma 3 270M is `test_e2e_ci_study` (minutes; `-m 'not e2e'` lea
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import DATA, ROOT, SHARED
+from .conftest import DATA, ROOT, SHARED, tiny_model
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 WORKFLOW_FILES = ["Snakefile", "config.yaml", "workflow", "config", "envs", "profiles", ".test", "blockpruner"]
@@ -425,3 +427,80 @@ def test_e2e_ci_study(tmp_path):
     assert [r["k"] for r in seq] == ["1", "2"]
     assert planned(main) == Counter()  # a second run has nothing to do
 
+
+# ---------------------------------------------------------------- sharded and screened steps
+
+
+def tiny_study(tmp_path: Path, name: str, change=None) -> tuple[Path, str]:
+    """A copy of the workflow with a study of a tiny random Llama (saved as a local model
+    directory) and a small local calibration file: search only, K = 2."""
+    from .test_evaluate import tiny_tokenizer
+
+    model_dir = tmp_path / "tiny-llama"
+    if not model_dir.exists():
+        tiny_model("llama", num_hidden_layers=3).save_pretrained(model_dir)
+        tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "calib.jsonl"
+    if not data.exists():
+        words = "the actor starred in a play on television in 2006 and had a guest role".split()
+        rng = random.Random(0)
+        data.write_text("".join(json.dumps({"text": " ".join(rng.choices(words, k=24))}) + "\n" for _ in range(8)))
+    main = copy_workflow(tmp_path / name)
+    cfg = {
+        "data_root": str(tmp_path), "device": "cpu", "gpu_slots": ".snakemake/gpu-slots",
+        "models": {"tiny": {"source": str(model_dir), "dtype": "fp32"}},
+        "calibration": {"c": {"path": str(data), "nsamples": 6, "seed": 42, "seqlen": 16, "mode": "concat"}},
+        "methods": {"blockpruner": {"algorithm": "blockpruner"}},
+        "search": {"max_k": 2},
+        "prunings": {"k": [2], "ratio": []},
+        "evaluate": {"dense": False, "perplexity": {"enabled": False}, "tasks": {"enabled": False},
+                     "speed": {"enabled": False}},
+    }
+    if change:
+        change(cfg)
+    (main / ".test/tiny.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return main, ".test/tiny.yaml"
+
+
+def test_sharded_search_equals_unsharded(tmp_path):
+    """search.shards: 2 runs two search_shard jobs per step and a gathering search_step;
+    the step artifacts equal the unsharded study's (apart from cost, timing and the shard
+    record) and record both shards."""
+    from blockpruner.search import read_step
+
+    target = "results/search/tiny/c/blockpruner/step_2.json"
+    one, cfg1 = tiny_study(tmp_path, "one")
+    two, cfg2 = tiny_study(tmp_path, "two", lambda c: c["search"].update(shards=2))
+    plan = planned(two, cfg2)
+    assert plan["search_shard"] == 4 and plan["search_step"] == 2, plan
+    p = run_snakemake(two, target, "-n", "--printshellcmds", "--configfile", cfg2)
+    out = p.stdout + p.stderr
+    assert "--shard 0/2" in out and "--shard 1/2" in out and "gather-step --shards" in out
+    run_snakemake(one, target, "--cores", "2", "--resources", "gpu=0", "--configfile", cfg1, timeout=900)
+    run_snakemake(two, target, "--cores", "2", "--resources", "gpu=0", "--configfile", cfg2, timeout=900)
+    for k in (1, 2):
+        rel = f"results/search/tiny/c/blockpruner/step_{k}.json"
+        a, b = read_step(one / rel), read_step(two / rel)
+        assert [s["index"] for s in b["shards"]] == [0, 1] and "shards" not in a
+        drop = {"cost", "timing", "shards", "checksum", "inputs"}
+        assert {x: v for x, v in a.items() if x not in drop} == {x: v for x, v in b.items() if x not in drop}
+        assert (two / f"logs/search_shard/tiny/c/blockpruner/step_{k}.shard1of2.log").exists()
+    p = run_snakemake(two, target, "-n", "--configfile", cfg2)
+    assert "Nothing to be done" in p.stdout + p.stderr
+
+
+def test_screened_method_runs_the_screened_step_and_refuses_shards(fresh):
+    def screened(c):
+        c["methods"]["fast"] = {"algorithm": "blockpruner", "screen": {"windows": 2, "confirm_top": 4}}
+
+    cfg = write_config(fresh, "screened", screened)
+    p = run_snakemake(fresh, "-n", "--printshellcmds", "--configfile", cfg)
+    out = p.stdout + p.stderr
+    assert re.search(r"cli step --screen-windows 2 --confirm-top 4 --model \S+ --calib \S+ --k 1", out), out[-3000:]
+
+    def sharded(c):
+        screened(c)
+        c["search"]["shards"] = 2
+
+    p = run_snakemake(fresh, "-n", "--configfile", write_config(fresh, "screened-shards", sharded), check=False)
+    assert p.returncode != 0 and "methods.fast.screen: a screened search cannot be sharded" in p.stdout + p.stderr

@@ -45,6 +45,8 @@ wildcard_constraints:
     calib=NAME,
     method=NAME,
     k=r"[1-9][0-9]*",
+    shard=r"[0-9]+",
+    nshards=r"[1-9][0-9]*",
     pruning=r"k[1-9][0-9]*|r0\.[0-9]+",
     variant=rf"dense|{NAME}/{NAME}/(k[1-9][0-9]*|r0\.[0-9]+)",
 
@@ -76,6 +78,13 @@ if _ppl["enabled"] and not (_ppl["path"] or _ppl["hub"]):
 _tasks = config["evaluate"]["tasks"]
 if _tasks["enabled"] and _tasks["local_data"] and not os.path.isdir(data_path(_tasks["local_data"])):
     _config_error("evaluate.tasks.local_data", f"folder not found: {data_path(_tasks['local_data'])}")
+for _name, _m in config["methods"].items():
+    if _m.get("screen") and _m["algorithm"] != "blockpruner":
+        _config_error(f"methods.{_name}.screen", f"only the blockpruner algorithm has a screened mode, not {_m['algorithm']}")
+    if _m.get("screen") and not {"windows", "confirm_top"} <= _m["screen"].keys():
+        _config_error(f"methods.{_name}.screen", "give windows and confirm_top (e.g. {windows: 2, confirm_top: 4})")
+    if _m.get("screen") and _m["algorithm"] == "blockpruner" and config["search"]["shards"] > 1:
+        _config_error(f"methods.{_name}.screen", "a screened search cannot be sharded; set search.shards: 1 or drop screen")
 if not KS and not RATIOS and not config["evaluate"]["dense"]:
     _config_error("prunings", "nothing to do: give prunings.k and/or prunings.ratio, or evaluate.dense: true")
 
@@ -109,9 +118,36 @@ def step_path(model, calib, method, k):
 
 
 def step_command(wildcards):
-    """The subcommand writing one step: `step` for BlockPruner, `baseline-step` for the rest."""
+    """The subcommand writing one step: `step` for BlockPruner (with the screened mode's
+    options when the method asks for it), `baseline-step` for the rest."""
+    method = config["methods"][wildcards.method]
+    if method["algorithm"] != "blockpruner":
+        return f"baseline-step --method {method['algorithm']}"
+    screen = method.get("screen")
+    if not screen:
+        return "step"
+    by_bi = screen.get("candidates_by_bi")
+    return (f"step --screen-windows {screen['windows']} --confirm-top {screen['confirm_top']}"
+            + (f" --candidates-by-bi {by_bi}" if by_bi else ""))
+
+
+def shard_count(wildcards):
+    """Shards of one step: search.shards for BlockPruner's exact search, 1 for the baselines
+    (their steps score no candidates) and for a search with 1 shard."""
     algorithm = config["methods"][wildcards.method]["algorithm"]
-    return "step" if algorithm == "blockpruner" else f"baseline-step --method {algorithm}"
+    return config["search"]["shards"] if algorithm == "blockpruner" else 1
+
+
+def shard_path(model, calib, method, k, shard, count):
+    return f"results/search/{model}/{calib}/{method}/shards/step_{k}.shard{shard}of{count}.json"
+
+
+def step_shards(wildcards):
+    """search_step's shard inputs: none when the step is scored in one job."""
+    n = shard_count(wildcards)
+    if n == 1:
+        return []
+    return [shard_path(wildcards.model, wildcards.calib, wildcards.method, wildcards.k, i, n) for i in range(n)]
 
 
 def steps_upto(wildcards, n):
@@ -339,6 +375,28 @@ def calibration_file(wildcards):
 def previous_step(wildcards):
     k = int(wildcards.k)
     return [step_path(wildcards.model, wildcards.calib, wildcards.method, k - 1)] if k > 1 else []
+
+
+def step_gpus(wildcards):
+    """A step scored in shards is only gathered by search_step: no GPU for that job."""
+    return 0 if step_shards(wildcards) else gpus("search_step")
+
+
+def score_command(wildcards, input):
+    """The scoring part of search_step / search_shard (derived param: it names input paths)."""
+    prev = f" --prev {shlex.quote(input.prev[0])}" if input.prev else ""
+    device_map = option("--device-map", "models/{model}/device_map")(wildcards)
+    return (f"{step_command(wildcards)} --model {shlex.quote(os.path.dirname(input.model))}"
+            f" --calib {shlex.quote(os.path.dirname(input.calib))} --k {wildcards.k}{prev}"
+            f" --candidates {lookup(dpath=f'methods/{wildcards.method}/candidates', within=config)}"
+            f" {device_map} --device auto --no-progress")
+
+
+def step_job(wildcards, input):
+    """search_step's command: score the step, or gather its shards (without a GPU)."""
+    if input.shards:
+        return "python -m blockpruner.cli gather-step --shards " + " ".join(shlex.quote(s) for s in input.shards)
+    return f"python -m blockpruner.gpus {step_gpus(wildcards)} -- python -m blockpruner.cli {score_command(wildcards, input)}"
 
 
 # prune.smk
