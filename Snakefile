@@ -32,6 +32,7 @@ include: "workflow/rules/prune.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/analyses.smk"
+include: "workflow/rules/benchmark.smk"
 
 
 localrules:
@@ -40,6 +41,7 @@ localrules:
     summarize,
     analyze_study,
     analyses,
+    benchmarks,
 
 
 rule all:
@@ -48,3 +50,4 @@ rule all:
         rules.summarize.output,
         sequence_outputs(),
         rules.analyses.input if config["analyses"]["enabled"] else [],
+        rules.benchmarks.input if config["benchmark"]["enabled"] else [],

@@ -254,6 +254,12 @@ def cmd_architectures(a: argparse.Namespace) -> None:
         print(f"{name:12s} {ad.notes}")
 
 
+def cmd_benchmark_search(a: argparse.Namespace) -> dict:
+    from .benchmark import run_cli
+
+    return run_cli(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockpruner", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"blockpruner {__version__}")
@@ -470,6 +476,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio-of", default="all", choices=["all", "no_embed"])
     p.add_argument("--csv", default=None, help="also write the matched rows (with their metrics) as .csv")
     p.set_defaults(func=cmd_match_budgets)
+
+    p = sub.add_parser("benchmark-search", help="time plain greedy vs exact vs screened search in one process",
+                       description="Runs, in one process on the same model, windows and K: plain greedy (remove, "
+                                   "full forward, restore), the exact search (`step`), optionally prefix reuse "
+                                   "alone, and the screened mode. Prints each removal sequence and whether it "
+                                   "equals plain greedy's, block forwards, LM-head tokens, the FLOP model's "
+                                   "predicted speed-up, the measured wall-time ratio and peak memory.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="prepared model directory (blockpruner prepare-model)")
+    src.add_argument("--tiny", action="store_true", help="a random deep Llama-style model instead (no files)")
+    p.add_argument("--calib", help="calibration artifact directory (with --model)")
+    p.add_argument("--max-windows", type=int, default=None, help="use only the first N calibration windows")
+    p.add_argument("--k", type=int, default=4, help="greedy steps (default 4)")
+    p.add_argument("--methods", default="plain,exact,screened", help="comma-separated from plain, prefix, exact, "
+                                                                     "screened (default plain,exact,screened)")
+    p.add_argument("--screen-windows", type=int, default=2, help="screened mode S (default 2)")
+    p.add_argument("--confirm-top", type=int, default=4, help="screened mode M (default 4)")
+    p.add_argument("--candidates-by-bi", type=int, default=None, help="screened mode R (default: off)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, auto")
+    p.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: the model's)")
+    p.add_argument("--layers", type=int, default=32, help="--tiny: decoder layers (default 32)")
+    p.add_argument("--hidden", type=int, default=256, help="--tiny: hidden size (default 256)")
+    p.add_argument("--vocab", type=int, default=512, help="--tiny: vocabulary (default 512)")
+    p.add_argument("--windows", type=int, default=8, help="--tiny: calibration windows (default 8)")
+    p.add_argument("--seqlen", type=int, default=64, help="--tiny: tokens per window (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="--tiny: weights and data seed")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--md", default=None, help="also write the table to this Markdown file")
+    p.set_defaults(func=cmd_benchmark_search)
 
     p = sub.add_parser("architectures", help="list supported model types")
     p.set_defaults(func=cmd_architectures)

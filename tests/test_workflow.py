@@ -504,3 +504,14 @@ def test_screened_method_runs_the_screened_step_and_refuses_shards(fresh):
 
     p = run_snakemake(fresh, "-n", "--configfile", write_config(fresh, "screened-shards", sharded), check=False)
     assert p.returncode != 0 and "methods.fast.screen: a screened search cannot be sharded" in p.stdout + p.stderr
+
+
+def test_benchmark_rule_plans_one_job_per_model_and_calibration(fresh):
+    cfg = write_config(fresh, "bench", lambda c: c.update(benchmark={"enabled": True, "k": 2, "methods": ["plain", "exact"],
+                                                                      "max_windows": 3}))
+    assert planned(fresh, cfg)["benchmark_search"] == 1
+    p = run_snakemake(fresh, "benchmarks", "-n", "--printshellcmds", "--configfile", cfg)
+    out = p.stdout + p.stderr
+    assert re.search(r"cli benchmark-search --model results/models/gemma3-270m --calib \S+ --k 2 --methods plain,exact"
+                     r" --screen-windows 2 --confirm-top 4 --max-windows 3", out), out[-3000:]
+    assert "results/benchmarks/gemma3-270m/alpaca/search_speed.md" in out

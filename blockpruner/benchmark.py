@@ -1,0 +1,313 @@
+"""Search-speed benchmark: plain greedy vs BlockPruner's exact search vs the screened mode.
+
+One process, one model, one calibration set, one K. Methods (interleaved step by step, so a
+change in machine load hits all of them alike):
+
+  plain     the reference, written out here: for every candidate, remove it, run the full
+            forward (the model's own decoder forward + LM head) over every window, restore.
+  prefix    (optional) our evaluator with prefix reuse only, no early stopping.
+  exact     `search_step` as `blockpruner step` runs it: prefix reuse + exact early stopping
+            seeded by the previous step's ranking. Must give plain greedy's sequence.
+  screened  `search_step` in screened mode (--screen-windows S --confirm-top M
+            [--candidates-by-bi R]); approximate, its agreement with `exact` is reported.
+
+Printed per method: removal sequence and whether it equals plain greedy's, block forwards,
+LM-head tokens, FLOPs (`evaluator.FlopModel`), the FLOP-model predicted speed-up over plain
+greedy, the measured wall-time (and CPU-time) speed-up, their ratio, and peak memory (RSS
+sampled during each method's steps on CPU; torch.cuda.max_memory_allocated on GPU).
+
+  blockpruner benchmark-search --model DIR --calib DIR --k 4 [--max-windows N]
+  blockpruner benchmark-search --tiny --k 4   # 32-layer random Llama, hidden 256, vocab 512
+  python benchmarks/search_speed.py ...       # the same, from a checkout
+
+`run(...)` returns the same figures as a dict (`--json` writes it; the workflow's
+benchmark_search rule and the tests use it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .adapters import get_path
+from .artifacts import atomic_write_text
+from .blocks import PrunableModel
+from .errors import UserError
+from .evaluator import Cost
+from .perplexity import head_nll
+from .search import StepSettings, candidate_blocks, search_step
+
+METHODS = ("plain", "prefix", "exact", "screened")
+
+
+# ------------------------------------------------------------------------ the reference
+
+
+@torch.no_grad()
+def plain_greedy_step(pm: PrunableModel, windows, removed: list[str], cost: Cost) -> tuple[str, float]:
+    """One plain greedy step: remove each candidate, full forward over every window, restore.
+
+    Candidates in the documented tie order (attention before MLP, ascending layer); a strictly
+    lower NLL replaces the best, so bit-identical NLLs keep the earlier candidate.
+    """
+    device = next(pm.model.parameters()).device
+    decoder = get_path(pm.model, pm.adapter.decoder)
+    best: tuple[float, str] | None = None
+    for c in candidate_blocks(pm.num_layers, removed, "all"):
+        pm.set_removed(removed + [c])
+        kept = pm.remaining()
+        nll = 0.0
+        for w in windows:
+            ids = w.to(device).unsqueeze(0)
+            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # final-normed
+            nll += head_nll(pm, hidden, ids)[0]
+            for b in kept:
+                cost.add_block(pm, b, ids.shape[1])
+            cost.add_head(pm, ids.shape[1] - 1)
+            cost.windows += 1
+        if math.isfinite(nll) and (best is None or nll < best[0]):
+            best = (nll, c)
+    pm.set_removed(removed)
+    if best is None:
+        raise RuntimeError("every candidate is non-finite")
+    return best[1], best[0]
+
+
+# ------------------------------------------------------------------------ measuring
+
+
+def rss_bytes() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:  # Linux fallback
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA max_memory_allocated, or sampled process RSS."""
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.cuda = device.type == "cuda"
+        self.interval = interval
+        self.peak = 0
+        self.start = 0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = rss_bytes()
+            self.peak = self.start
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, rss_bytes())
+        return False
+
+
+class Method:
+    def __init__(self, name: str, settings: StepSettings | None = None, early_stop: bool = True):
+        self.name, self.settings, self.early_stop = name, settings, early_stop
+        self.removed: list[str] = []
+        self.prev: dict | None = None
+        self.cost = Cost()
+        self.wall = 0.0
+        self.cpu = 0.0
+        self.peak = 0
+        self.working = 0  # peak minus the memory in use when the step started
+        self.stopped = 0
+        self.steps: list[dict] = []  # per step: block, wall_s, cpu_s, cost
+
+    def step(self, pm: PrunableModel, windows, k: int, device: torch.device) -> None:
+        with PeakMemory(device) as mem:
+            t0, c0 = time.perf_counter(), time.process_time()
+            if self.name == "plain":
+                block, _ = plain_greedy_step(pm, windows, self.removed, self.cost)
+            else:
+                rec = search_step(pm, windows, k, self.removed, self.settings, {}, progress=False, prev=self.prev,
+                                  early_stop=self.early_stop)
+                self.cost += Cost.from_dict(rec["cost"])
+                self.stopped += sum(s["status"] == "stopped" for s in rec["scores"])
+                self.prev, block = rec, rec["removed_block"]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            self.wall += wall
+            self.cpu += cpu
+        before = self.steps[-1]["cost_so_far"] if self.steps else Cost().as_dict()
+        now = self.cost.as_dict()
+        self.steps.append({"k": k, "block": block, "wall_s": wall, "cpu_s": cpu, "cost_so_far": now,
+                           "block_forwards": now["block_forwards"] - before["block_forwards"],
+                           "head_tokens": now["head_tokens"] - before["head_tokens"]})
+        self.peak = max(self.peak, mem.peak)
+        self.working = max(self.working, mem.peak - mem.start)
+        self.removed = self.removed + [block]
+
+
+def run(pm: PrunableModel, windows, k: int, methods=("plain", "exact", "screened"), screen_windows: int = 2,
+        confirm_top: int = 4, bi_candidates: int | None = None, log=print) -> dict:
+    """Run the methods step by step (interleaved) and return their figures."""
+    device = next(pm.model.parameters()).device
+    screened = StepSettings.make(screen_windows=screen_windows, confirm_top=confirm_top, bi_candidates=bi_candidates)
+    make = {"plain": lambda: Method("plain"), "prefix": lambda: Method("prefix", StepSettings(), early_stop=False),
+            "exact": lambda: Method("exact", StepSettings()), "screened": lambda: Method("screened", screened)}
+    ms = [make[m]() for m in methods]
+    with torch.no_grad():  # warm-up: one full forward (logits included), so that no method pays the first-call
+        # overheads or for paging in memory-mapped weights (the LM head / embedding matrix above all)
+        pm.model(input_ids=windows[0][:8].to(device).unsqueeze(0), use_cache=False)
+    for step in range(1, k + 1):
+        for m in ms:
+            m.step(pm, windows, step, device)
+            st = m.steps[-1]
+            log(f"  step {step} {m.name:9s} -> {m.removed[-1]:8s} {st['wall_s']:8.1f} s wall {st['cpu_s']:8.1f} s CPU "
+                f"{st['block_forwards']:7d} block fwd {st['head_tokens']:7d} head tokens")
+    pm.set_removed([])
+    by = {m.name: m for m in ms}
+    ref = by.get("plain")
+    exact = by.get("exact")
+    out = {"k": k, "windows": len(windows), "tokens": int(sum(len(w) for w in windows)), "device": str(device),
+           "threads": torch.get_num_threads(), "blocks": len(pm.names), "methods": {}}
+    for m in ms:
+        r = {"sequence": m.removed, "block_forwards": m.cost.block_forwards, "head_tokens": m.cost.head_tokens,
+             "flops": m.cost.flops, "wall_s": m.wall, "cpu_s": m.cpu, "peak_mem_bytes": m.peak,
+             "working_mem_bytes": m.working, "stopped_candidates": m.stopped, "steps": m.steps,
+             "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_sampled"}
+        if ref is not None:
+            r["equals_plain"] = m.removed == ref.removed
+            r["fewer_block_forwards"] = ref.cost.block_forwards / m.cost.block_forwards
+            r["fewer_head_tokens"] = ref.cost.head_tokens / m.cost.head_tokens
+            r["predicted_speedup"] = ref.cost.flops / m.cost.flops
+            r["measured_speedup"] = ref.wall / m.wall
+            r["measured_cpu_speedup"] = ref.cpu / m.cpu
+            r["measured_over_predicted"] = r["measured_speedup"] / r["predicted_speedup"]
+        if exact is not None and m is not exact:
+            r["agrees_with_exact"] = sum(a == b for a, b in zip(m.removed, exact.removed))
+        out["methods"][m.name] = r
+    out["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def table(res: dict) -> str:
+    """The figures as a Markdown table."""
+    head = ("| method | removal sequence | = plain | steps = exact | block fwd | fewer × | head tokens | fewer × | GFLOP "
+            "| predicted × | measured wall × | wall / pred. | CPU-time × | wall s | peak mem MiB (+working) |")
+    lines = [head, "|" + "---|" * 15]
+    for name, r in res["methods"].items():
+        f = lambda key, fmt="{:.2f}": fmt.format(r[key]) if key in r else "–"  # noqa: E731
+        eq = ("yes" if r["equals_plain"] else "no") if "equals_plain" in r else "–"
+        agree = f"{r['agrees_with_exact']}/{res['k']}" if "agrees_with_exact" in r else "–"
+        lines.append(
+            f"| {name} | {', '.join(r['sequence'])} | {eq} | {agree} | {r['block_forwards']} | {f('fewer_block_forwards')} | "
+            f"{r['head_tokens']} | {f('fewer_head_tokens')} | {r['flops'] / 1e9:.1f} | {f('predicted_speedup')} | "
+            f"{f('measured_speedup')} | {f('measured_over_predicted')} | {f('measured_cpu_speedup')} | {r['wall_s']:.1f} | "
+            f"{r['peak_mem_bytes'] / 2**20:.0f} (+{r['working_mem_bytes'] / 2**20:.0f}) |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ models and data
+
+
+def tiny_deep_model(layers: int = 32, hidden: int = 256, vocab: int = 512, intermediate: int | None = None,
+                    heads: int = 4, seed: int = 0):
+    """A random deep Llama-style model with a small vocabulary, so the blocks dominate the cost.
+
+    Norm weights are drawn at random (N(1, 0.5)), as in the test suite's tiny models, so that
+    blocks differ in importance the way a trained model's do rather than all being alike.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.5)
+    return model.eval()
+
+
+def tiny_windows(n: int, seqlen: int, vocab: int, seed: int = 0) -> list[torch.Tensor]:
+    """Token windows with some structure (a random first-order Markov chain), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    succ = torch.randint(3, vocab, (vocab, 4), generator=g)  # each token has 4 likely successors
+    out = []
+    for _ in range(n):
+        ids = [int(torch.randint(3, vocab, (1,), generator=g))]
+        for _ in range(seqlen - 1):
+            if torch.rand(1, generator=g).item() < 0.8:
+                ids.append(int(succ[ids[-1], torch.randint(0, 4, (1,), generator=g)]))
+            else:
+                ids.append(int(torch.randint(3, vocab, (1,), generator=g)))
+        out.append(torch.tensor(ids))
+    return out
+
+
+def run_cli(a: argparse.Namespace) -> dict:
+    """`blockpruner benchmark-search`: load the model and windows, run, print, write --json / --md."""
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise UserError(f"unknown methods {bad}; use {', '.join(METHODS)}")
+    if not a.tiny and not (a.model and a.calib):
+        raise UserError("give --model DIR and --calib DIR (a prepared model and a calibration artifact), or --tiny")
+    if a.k < 1:
+        raise UserError(f"--k must be at least 1, got {a.k}")
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(a.device)
+    if a.tiny:
+        model = tiny_deep_model(a.layers, a.hidden, a.vocab, seed=a.seed).to(device)
+        windows = tiny_windows(a.windows, a.seqlen, a.vocab, seed=a.seed)
+        what = f"tiny random Llama: {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}"
+    else:
+        from .calibration import load_calibration
+        from .sources import load_prepared
+
+        windows = load_calibration(a.calib).windows
+        model, _, _ = load_prepared(a.model, a.dtype, a.device, None, tokenizer=False)
+        what = f"{a.model} ({model.config.model_type})"
+    if a.max_windows:
+        windows = windows[: a.max_windows]
+    pm = PrunableModel.wrap(model)
+    print(f"{what}; {len(windows)} windows, {sum(len(w) for w in windows)} tokens; K={a.k}; device {device}, "
+          f"{torch.get_num_threads()} thread(s); methods {', '.join(methods)}", flush=True)
+    res = run(pm, windows, a.k, methods, a.screen_windows, a.confirm_top, a.candidates_by_bi,
+              log=lambda s: print(s, flush=True))
+    res["model"] = what
+    res["args"] = {k: v for k, v in vars(a).items() if k != "func"}
+    print(table(res))
+    if a.json:
+        atomic_write_text(a.json, json.dumps(res, indent=2) + "\n")
+    if a.md:
+        atomic_write_text(a.md, f"{what}; {res['windows']} windows, {res['tokens']} tokens; K={a.k}; {res['device']}, "
+                           f"{res['threads']} thread(s)\n\n{table(res)}\n")
+    return res
