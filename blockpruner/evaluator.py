@@ -258,11 +258,13 @@ def run_suffix(pm: PrunableModel, ctx: WindowContext, start: torch.Tensor, after
 
 @torch.no_grad()
 def _add_window_nll(pm: PrunableModel, hidden: torch.Tensor, ids: torch.Tensor, s: Score, bound: float | None,
-                    cost: Cost) -> None:
+                    cost: Cost, last_window: bool = False) -> None:
     """Add one window's NLL to `s`; with `bound`, stop between head chunks once it is exceeded.
 
     The head runs in the chunks of `perplexity.head_nll` with the same float64 sums, so a
-    finished window adds exactly what `perplexity.window_nll` returns.
+    finished window adds exactly what `perplexity.window_nll` returns. A candidate over the
+    bound is `stopped` only where work was cut (a chunk or a window left); one that finished
+    its last window stays `done`, with its full NLL, and simply loses.
     """
     normed = get_path(pm.model, pm.adapter.final_norm)(hidden)[:, :-1]
     labels = ids[:, 1:].to(normed.device)
@@ -288,7 +290,7 @@ def _add_window_nll(pm: PrunableModel, hidden: torch.Tensor, ids: torch.Tensor, 
         s.windows_done += 1
     if not math.isfinite(s.nll_sum):
         s.status = "nonfinite"
-    elif bound is not None and s.nll_sum > bound:
+    elif bound is not None and s.nll_sum > bound and (done < n or not last_window):
         s.status = "stopped"
 
 
@@ -303,7 +305,8 @@ def _score_windows(pm: PrunableModel, windows: Iterable[torch.Tensor], scores: S
     for s in scores:
         if s.block not in position:
             raise ValueError(f"candidate {s.block} is not a remaining block of the model")
-    for ids in windows:
+    windows = list(windows)
+    for i, ids in enumerate(windows):
         alive = {s.block: s for s in scores if s.status == "done"}
         if not alive:
             break
@@ -322,7 +325,7 @@ def _score_windows(pm: PrunableModel, windows: Iterable[torch.Tensor], scores: S
                 for after in remaining[p + 1 :]:
                     x = pm.run_block(after, x, _kwargs_for(ctx, after))
                     cost.add_block(pm, after, tokens)
-                _add_window_nll(pm, x, ids, s, bound, cost)
+                _add_window_nll(pm, x, ids, s, bound, cost, last_window=i == len(windows) - 1)
                 del x
                 if on_progress:
                     on_progress(1)

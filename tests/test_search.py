@@ -97,7 +97,18 @@ def test_bound_stops_losers_but_keeps_winner():
     best = min(full.values(), key=lambda s: s.nll_sum)
     bounded = score_candidates(pm, wins, pm.names, bound=best.nll_sum)
     assert bounded[best.block].status == "done" and bounded[best.block].nll_sum == best.nll_sum
-    assert any(s.status == "stopped" for s in bounded.values())
+    # stopped exactly where the running NLL passed the bound with work left; a candidate that
+    # passes it only on its last window finishes (status done, its full NLL) and loses.  A
+    # bound below half the candidates' NLL over the first 3 windows makes some stop early.
+    before_last = score_candidates(pm, wins[:-1], pm.names)
+    bound = sorted(s.nll_sum for s in before_last.values())[len(pm.names) // 2]
+    bounded = score_candidates(pm, wins, pm.names, bound=bound)
+    for c, s in bounded.items():
+        if before_last[c].nll_sum > bound:
+            assert s.status == "stopped" and bound < s.nll_sum < full[c].nll_sum, c
+        else:
+            assert s.status == "done" and s.nll_sum == full[c].nll_sum, c
+    assert sum(s.status == "stopped" for s in bounded.values()) == sum(s.nll_sum > bound for s in before_last.values()) > 0
 
 
 def test_nonfinite_candidate_is_never_chosen():

@@ -333,7 +333,7 @@ def test_gemma_early_stop_matches_plain_scoring(gemma_dir, tmp_path):
 
     require_shared()
     model, tok, _ = load_prepared(gemma_dir)
-    spec = CalibrationSpec(str(DATA / "alpaca" / "alpaca_5000.json"), nsamples=4, seqlen=16, max_windows=3)
+    spec = CalibrationSpec(str(DATA / "alpaca" / "alpaca_5000.json"), nsamples=8, seqlen=16, max_windows=6)
     sample_calibration(spec, tok, tmp_path / "calib")
     wins = load_calibration(tmp_path / "calib").windows
     pm = PrunableModel.wrap(model)
