@@ -255,16 +255,18 @@ def tiny_deep_model(layers: int = 32, hidden: int = 256, vocab: int = 512, inter
     return model.eval()
 
 
-def tiny_windows(n: int, seqlen: int, vocab: int, seed: int = 0) -> list[torch.Tensor]:
-    """Token windows with some structure (a random first-order Markov chain), seeded."""
+def tiny_windows(n: int, seqlen: int, vocab: int, seed: int = 0, successors: int = 4,
+                 follow: float = 0.8) -> list[torch.Tensor]:
+    """Token windows with some structure, seeded: a random first-order Markov chain where each
+    token is followed, with probability `follow`, by one of its `successors` likely tokens."""
     g = torch.Generator().manual_seed(seed)
-    succ = torch.randint(3, vocab, (vocab, 4), generator=g)  # each token has 4 likely successors
+    succ = torch.randint(3, vocab, (vocab, successors), generator=g)
     out = []
     for _ in range(n):
         ids = [int(torch.randint(3, vocab, (1,), generator=g))]
         for _ in range(seqlen - 1):
-            if torch.rand(1, generator=g).item() < 0.8:
-                ids.append(int(succ[ids[-1], torch.randint(0, 4, (1,), generator=g)]))
+            if torch.rand(1, generator=g).item() < follow:
+                ids.append(int(succ[ids[-1], torch.randint(0, successors, (1,), generator=g)]))
             else:
                 ids.append(int(torch.randint(3, vocab, (1,), generator=g)))
         out.append(torch.tensor(ids))

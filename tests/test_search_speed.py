@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from blockpruner.benchmark import tiny_windows
 from blockpruner.blocks import PrunableModel
 from blockpruner.calibration import CalibrationSpec, load_calibration, sample_calibration
 from blockpruner.cli import main
@@ -29,18 +30,7 @@ SHARD_ONLY = {"cost", "timing", "shards", "checksum"}
 
 def markov_windows(n=10, t=16, vocab=96, seed=1):
     """Token windows from a random first-order Markov chain (learnable structure)."""
-    g = torch.Generator().manual_seed(seed)
-    succ = torch.randint(3, vocab, (vocab, 2), generator=g)
-    out = []
-    for _ in range(n):
-        ids = [int(torch.randint(3, vocab, (1,), generator=g))]
-        for _ in range(t - 1):
-            if torch.rand(1, generator=g).item() < 0.9:
-                ids.append(int(succ[ids[-1], torch.randint(0, 2, (1,), generator=g)]))
-            else:
-                ids.append(int(torch.randint(3, vocab, (1,), generator=g)))
-        out.append(torch.tensor(ids))
-    return out
+    return tiny_windows(n, t, vocab, seed=seed, successors=2, follow=0.9)
 
 
 def trained_tiny(wins, arch="gemma3_text", layers=4, steps=40, seed=0):
