@@ -313,30 +313,6 @@ def test_benchmark_runs_on_tiny(capsys):
     assert "predicted" in out and "measured" in out
 
 
-@pytest.mark.gemma
-def test_gemma_early_stop_matches_plain_scoring(gemma_dir, tmp_path):
-    """Real model: early stopping picks the same block with the same finished NLLs, and stops
-    some candidates (Gemma 3 270M has a few critical blocks, unlike a random model)."""
-    from blockpruner.sources import load_prepared
-
-    from .conftest import DATA, require_shared
-
-    require_shared()
-    model, tok, _ = load_prepared(gemma_dir)
-    spec = CalibrationSpec(str(DATA / "alpaca" / "alpaca_5000.json"), nsamples=8, seqlen=16, max_windows=6)
-    sample_calibration(spec, tok, tmp_path / "calib")
-    wins = load_calibration(tmp_path / "calib").windows
-    pm = PrunableModel.wrap(model)
-    fast = search_step(pm, wins, 1, [], StepSettings(), {}, progress=False)
-    slow = search_step(pm, wins, 1, [], StepSettings(), {}, progress=False, early_stop=False)
-    assert fast["removed_block"] == slow["removed_block"] and fast["nll_sum"] == slow["nll_sum"]
-    full = {s["block"]: s["nll_sum"] for s in slow["scores"]}
-    assert all(s["nll_sum"] == full[s["block"]] for s in fast["scores"] if s["status"] == "done")
-    assert any(s["status"] == "stopped" for s in fast["scores"])
-    assert fast["cost"]["head_tokens"] < slow["cost"]["head_tokens"]
-    assert fast["cost"]["block_forwards"] < slow["cost"]["block_forwards"]
-
-
 def test_benchmark_cli_writes_json_and_table(tmp_path, capsys):
     args = ["benchmark-search", "--tiny", "--layers", "3", "--hidden", "32", "--vocab", "64", "--windows", "2",
             "--seqlen", "8", "--k", "1", "--methods", "plain,exact"]
