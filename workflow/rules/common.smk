@@ -393,10 +393,10 @@ def score_command(wildcards, input):
 
 
 def step_job(wildcards, input):
-    """search_step's command: score the step, or gather its shards (without a GPU)."""
+    """search_step's subcommand: score the step, or gather its shards (with gpu 0, step_gpus)."""
     if input.shards:
-        return "python -m blockpruner.cli gather-step --shards " + " ".join(shlex.quote(s) for s in input.shards)
-    return f"python -m blockpruner.gpus {step_gpus(wildcards)} -- python -m blockpruner.cli {score_command(wildcards, input)}"
+        return "gather-step --shards " + " ".join(shlex.quote(s) for s in input.shards)
+    return score_command(wildcards, input)
 
 
 # prune.smk

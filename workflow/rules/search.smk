@@ -59,7 +59,8 @@ rule search_step:
         mem_mb=rule_resources("search_step")["mem_mb"],
         runtime=rule_resources("search_step")["runtime"],
     shell:
-        "{params.command} --out {output.step:q} > {log} 2>&1"
+        "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli {params.command}"
+        " --out {output.step:q} > {log} 2>&1"
 
 
 rule tabulate_search:
