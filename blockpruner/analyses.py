@@ -27,13 +27,12 @@ Only `bi_layer_vs_block` loads a model; the rest read JSON.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from collections import defaultdict
 from pathlib import Path
 
-from .artifacts import atomic_write, checksum
+from .artifacts import atomic_write, read_json
 from .errors import UserError
 from .summary import read_chain
 
@@ -68,21 +67,6 @@ def pruning_s(chain: list[dict], k: int) -> float | None:
 
 
 # ---------------------------------------------------------------- reading artifacts
-
-
-def read_artifact(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: missing artifact; run the stage that makes it first")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: corrupt artifact ({e.__class__.__name__}); delete it and rerun the stage") from None
-    if not isinstance(obj, dict) or not str(obj.get("format", "")).startswith("blockpruner."):
-        raise UserError(f"{path}: not a blockpruner artifact (no blockpruner.* format tag)")
-    if obj.get("checksum") != checksum(obj):
-        raise UserError(f"{path}: checksum mismatch, the file was edited or damaged; delete it and rerun the stage")
-    return obj
 
 
 def expand(paths) -> list[Path]:
@@ -132,10 +116,10 @@ class Study:
                 steps[label[:3]].append(read_step(p))
                 self.paths[label[:3]].append(p)
             elif what == "dense":
-                self.dense[label[1]][label[0]] = read_artifact(p)
+                self.dense[label[1]][label[0]] = read_json(p)
             else:
                 kind, *rest = label
-                self.evals[tuple(rest)][kind] = read_artifact(p)
+                self.evals[tuple(rest)][kind] = read_json(p)
         self.chains: dict[Key, list[dict]] = {k: read_chain(v, "/".join(k)) for k, v in sorted(steps.items())}
         self.tasks: list[str] = []
         for ev in [*self.evals.values(), *self.dense.values()]:
@@ -335,8 +319,6 @@ def attention_share(paths, csv_out: str | Path, png_out: str | Path, ratio_of: s
 
 
 def _calib_info(chain: list[dict], calib_dir: str | Path | None) -> dict:
-    from .artifacts import read_json
-
     where = Path(calib_dir) if calib_dir else Path(chain[0]["inputs"].get("calibration") or "")
     manifest = where / "manifest.json" if where.suffix != ".json" else where
     info = {"calib_source": None, "nsamples": None, "seqlen": None, "calib_windows": None, "calib_tokens": None}

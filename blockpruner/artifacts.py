@@ -68,8 +68,10 @@ def write_json(path: str | Path, obj: dict, fmt: str) -> dict:
     return obj
 
 
-def read_json(path: str | Path, fmt: str) -> dict:
-    """Read a checksummed JSON artifact, refusing corrupt, edited or foreign files."""
+def read_json(path: str | Path, fmt: str | None = None) -> dict:
+    """Read a checksummed JSON artifact, refusing corrupt, edited or foreign files.  `fmt`
+    is the exact format tag expected; None accepts any blockpruner artifact (the summaries
+    and analyses read every kind)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: missing artifact; run the stage that makes it first")
@@ -77,9 +79,9 @@ def read_json(path: str | Path, fmt: str) -> dict:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: corrupt artifact ({e.__class__.__name__}: {e}); delete it and rerun the stage") from None
-    if not isinstance(obj, dict) or obj.get("format") != fmt:
-        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise UserError(f"{path}: not a {fmt} artifact (format={found!r}); check the path")
+    found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+    if not isinstance(obj, dict) or (found != fmt if fmt else not str(found).startswith("blockpruner.")):
+        raise UserError(f"{path}: not a {fmt or 'blockpruner'} artifact (format={found!r}); check the path")
     if obj.get("checksum") != checksum(obj):
         raise UserError(f"{path}: checksum mismatch, the file was edited or damaged; delete it and rerun the stage")
     return obj

@@ -29,11 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
-import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -44,6 +41,7 @@ from .errors import UserError
 from .evaluator import Cost
 from .perplexity import head_nll
 from .search import StepSettings, candidate_blocks, search_step
+from .speed import RssSampler
 
 METHODS = ("plain", "prefix", "exact", "screened")
 
@@ -84,22 +82,13 @@ def plain_greedy_step(pm: PrunableModel, windows, removed: list[str], cost: Cost
 # ------------------------------------------------------------------------ measuring
 
 
-def rss_bytes() -> int:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except ImportError:  # Linux fallback
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 class PeakMemory:
-    """Peak memory while the block runs: CUDA max_memory_allocated, or sampled process RSS."""
+    """Peak memory while the block runs: CUDA max_memory_allocated, or sampled process RSS
+    (speed.RssSampler); `start` is what was in use when it began."""
 
     def __init__(self, device: torch.device, interval: float = 0.002):
         self.cuda = device.type == "cuda"
-        self.interval = interval
+        self.rss = None if self.cuda else RssSampler(interval)
         self.peak = 0
         self.start = 0
 
@@ -109,26 +98,17 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
-            self.start = rss_bytes()
-            self.peak = self.start
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            self.rss.__enter__()
+            self.start = self.rss.start
         return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            self._stop.wait(self.interval)
 
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
         else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, rss_bytes())
+            self.rss.__exit__(*exc)
+            self.peak = self.rss.peak
         return False
 
 

@@ -18,34 +18,17 @@ K (a ratio target r<x> resolves to the smallest K whose ratio reaches x, exactly
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifacts import atomic_write, atomic_write_text, checksum
+from .artifacts import atomic_write, atomic_write_text, read_json
 from .errors import UserError
 
 EVAL_KINDS = ("ppl", "tasks", "speed")
 TASK_TITLES = {"piqa": "PIQA", "winogrande": "WinoGrande", "hellaswag": "HellaSwag", "arc_easy": "ARC-e",
                "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
-
-
-def read_artifact(path: str | Path) -> dict:
-    """A blockpruner JSON artifact of any kind, verified by its checksum."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: missing artifact; run the stage that makes it first")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: corrupt artifact ({e.__class__.__name__}); delete it and rerun the stage") from None
-    if not isinstance(obj, dict) or not str(obj.get("format", "")).startswith("blockpruner."):
-        raise UserError(f"{path}: not a blockpruner artifact (no blockpruner.* format tag)")
-    if obj.get("checksum") != checksum(obj):
-        raise UserError(f"{path}: checksum mismatch, the file was edited or damaged; delete it and rerun the stage")
-    return obj
 
 
 # ---------------------------------------------------------------- search sequences
@@ -159,7 +142,7 @@ def collect(paths: list[str | Path], ratio_of: str = "all") -> tuple[list[dict],
         else:
             kind, *label = key
             row = evals.setdefault(tuple(label), Row(*label))
-            row.evals[kind] = read_artifact(p)
+            row.evals[kind] = read_json(p)
     chains = {key: read_steps(ps) for key, ps in step_paths.items()}
     tasks: list[str] = []
     for row in evals.values():
