@@ -84,7 +84,11 @@ def write_config(main: Path, name: str, change) -> str:
 def planned(main: Path, configfile: str = TEST_CONFIG, *extra: str) -> Counter:
     """Jobs per rule that a dry run would execute (empty when all is up to date)."""
     p = run_snakemake(main, "-n", "--quiet", "rules", "--configfile", configfile, *extra)
-    out = p.stdout + p.stderr
+    return job_stats(p.stdout + p.stderr)
+
+
+def job_stats(out: str) -> Counter:
+    """The "Job stats" table of a dry run's output, as jobs per rule."""
     if "Nothing to be done" in out:
         return Counter()
     m = re.search(r"Job stats:\njob\s+count\n[-\s]+\n(.*?)\ntotal\s+\d+", out, re.S)
@@ -130,12 +134,19 @@ def test_dry_run_ci_study_plans_every_stage(fresh):
     assert planned(fresh) == Counter(CI_ALL)
 
 
-def test_dry_run_default_and_paper_configs(fresh):
-    main = fresh
-    demo = planned(main, "config.yaml")
+@pytest.fixture(scope="module")
+def paper_slurm_plan(fresh) -> str:
+    """The paper study's dry run through the SLURM profile (one DAG of ~1,000 jobs, read by
+    two tests: its job counts and the resources the profile sends)."""
+    p = run_snakemake(fresh, "--profile", "profiles/slurm", "-n", "--configfile", "config/paper.yaml")
+    return p.stdout + p.stderr
+
+
+def test_dry_run_default_and_paper_configs(fresh, paper_slurm_plan):
+    demo = planned(fresh, "config.yaml")
     # demo: K = 1, 3 and a ratio target resolved from steps 1..3
     assert demo["search_step"] == 3 and demo["materialize_model"] == 3 and demo["eval_tasks"] == 4
-    paper = planned(main, "config/paper.yaml")
+    paper = job_stats(paper_slurm_plan)
     assert paper["prepare_model"] == 6 and paper["search_step"] == 6 * 32
 
 
@@ -146,10 +157,9 @@ def test_lint(fresh):
     assert p.returncode == 0 and "Congratulations" in out, out
 
 
-def test_slurm_profile_requests_gpus_only_for_gpu_rules(fresh):
-    p = run_snakemake(fresh, "--profile", "profiles/slurm", "-n", "--configfile", "config/paper.yaml")
-    out = p.stdout + p.stderr
-    resources = {m.group(1): m.group(2) for m in re.finditer(r"rule (\w+):\n(?:    .*\n)*?    resources: (.*)", out)}
+def test_slurm_profile_requests_gpus_only_for_gpu_rules(paper_slurm_plan):
+    resources = {m.group(1): m.group(2)
+                 for m in re.finditer(r"rule (\w+):\n(?:    .*\n)*?    resources: (.*)", paper_slurm_plan)}
     # the study gives GPU counts, memory and run times; the profile adds partition and account
     # (its GPU-model block is commented out: tests/test_slurm.py checks it switched on)
     assert "gpu=1" in resources["search_step"] and "gpu_model" not in resources["search_step"]
@@ -463,12 +473,13 @@ def tiny_study(tmp_path: Path, name: str, change=None) -> tuple[Path, str]:
 
 
 def test_sharded_search_equals_unsharded(tmp_path):
-    """search.shards: 2 runs two search_shard jobs per step and a gathering search_step;
-    the step artifacts equal the unsharded study's (apart from cost, timing and the shard
-    record) and record both shards."""
+    """search.shards: 2 plans two search_shard jobs per step and a gathering search_step;
+    run for step 1, the step artifact equals the unsharded study's (apart from cost, timing
+    and the shard record) and records both shards.  (Chaining sharded steps, K = 2, is
+    tests/test_search_speed.py::test_two_shards_equal_unsharded, in one process.)"""
     from blockpruner.search import read_step
 
-    target = "results/search/tiny/c/blockpruner/step_2.json"
+    target = "results/search/tiny/c/blockpruner/step_1.json"
     one, cfg1 = tiny_study(tmp_path, "one")
     two, cfg2 = tiny_study(tmp_path, "two", lambda c: c["search"].update(shards=2))
     plan = planned(two, cfg2)
@@ -478,13 +489,12 @@ def test_sharded_search_equals_unsharded(tmp_path):
     assert "--shard 0/2" in out and "--shard 1/2" in out and "gather-step --shards" in out
     run_snakemake(one, target, "--cores", "2", "--resources", "gpu=0", "--configfile", cfg1, timeout=900)
     run_snakemake(two, target, "--cores", "2", "--resources", "gpu=0", "--configfile", cfg2, timeout=900)
-    for k in (1, 2):
-        rel = f"results/search/tiny/c/blockpruner/step_{k}.json"
-        a, b = read_step(one / rel), read_step(two / rel)
-        assert [s["index"] for s in b["shards"]] == [0, 1] and "shards" not in a
-        drop = {"cost", "timing", "shards", "checksum", "inputs"}
-        assert {x: v for x, v in a.items() if x not in drop} == {x: v for x, v in b.items() if x not in drop}
-        assert (two / f"logs/search_shard/tiny/c/blockpruner/step_{k}.shard1of2.log").exists()
+    a, b = read_step(one / target), read_step(two / target)
+    assert [s["index"] for s in b["shards"]] == [0, 1] and "shards" not in a
+    drop = {"cost", "timing", "shards", "checksum", "inputs"}
+    assert {x: v for x, v in a.items() if x not in drop} == {x: v for x, v in b.items() if x not in drop}
+    assert (two / "logs/search_shard/tiny/c/blockpruner/step_1.shard1of2.log").exists()
+    assert not (two / "results/search/tiny/c/blockpruner/step_2.json").exists()
     p = run_snakemake(two, target, "-n", "--configfile", cfg2)
     assert "Nothing to be done" in p.stdout + p.stderr
 
