@@ -80,7 +80,8 @@ def read_json(path: str | Path, fmt: str | None = None) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: corrupt artifact ({e.__class__.__name__}: {e}); delete it and rerun the stage") from None
     found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-    if not isinstance(obj, dict) or (found != fmt if fmt else not str(found).startswith("blockpruner.")):
+    expected = found == fmt if fmt else str(found).startswith("blockpruner.")
+    if not isinstance(obj, dict) or not expected:
         raise UserError(f"{path}: not a {fmt or 'blockpruner'} artifact (format={found!r}); check the path")
     if obj.get("checksum") != checksum(obj):
         raise UserError(f"{path}: checksum mismatch, the file was edited or damaged; delete it and rerun the stage")

@@ -393,7 +393,9 @@ def score_command(wildcards, input):
 
 
 def step_job(wildcards, input):
-    """search_step's subcommand: score the step, or gather its shards (with gpu 0, step_gpus)."""
+    """search_step's blockpruner subcommand: gather the shards, or score the step itself.
+    The rule's shell runs it under blockpruner.gpus with resources.gpu (0 for a gather,
+    see step_gpus)."""
     if input.shards:
         return "gather-step --shards " + " ".join(shlex.quote(s) for s in input.shards)
     return score_command(wildcards, input)
