@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package
 
-from blockpruner.benchmark import run_cli  # noqa: E402
 from blockpruner.cli import build_parser  # noqa: E402
+from blockpruner.report.search_speed import run_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     """Lazy top-level helpers, so `import blockpruner` stays free of torch / transformers."""
     if name == "load_pruned":
-        from .export import load_pruned
+        from .export.materialize import load_pruned
 
         return load_pruned
     raise AttributeError(f"module 'blockpruner' has no attribute {name!r}")

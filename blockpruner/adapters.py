@@ -7,7 +7,7 @@ BlockPruner treats every decoder layer as two residual blocks,
 
 (the post norms exist only in Gemma 2/3). An `Adapter` names, for one family of
 `config.model_type`s, the attribute paths of those pieces; everything else in the package
-(blocks, evaluator, export, speed, baselines) reads this table and never branches on the
+(blocks, scoring, export, speed, baselines) reads this table and never branches on the
 model type itself.
 
 Adding an architecture is one entry in `ADAPTERS`: check the family's `DecoderLayer.forward`

@@ -6,7 +6,7 @@ below: the same two residual lines as the architecture's own forward (the adapte
 which norms), except that a removed block's whole branch -- norms, module, dropout -- is
 not executed at all. Removal is a set of names on the layer, so it is free to undo.
 
-The patched forward is also what lets the evaluator run a single block (`run_block`) from
+The patched forward is also what lets the scoring engine run a single block (`run_block`) from
 cached hidden states, so prefix reuse needs no second copy of the model code.
 """
 

@@ -42,7 +42,7 @@ def _progress_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare_model(a: argparse.Namespace) -> None:
-    from .sources import prepare_model
+    from .data.sources import prepare_model
 
     m = prepare_model(a.source, a.out, dtype=a.dtype)
     log.info("prepared %s: %s, %d layers (%d blocks), %d parameters -> %s", a.source, m["model_type"], m["num_layers"],
@@ -52,8 +52,8 @@ def cmd_prepare_model(a: argparse.Namespace) -> None:
 def cmd_sample_calibration(a: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    from .calibration import CalibrationSpec, draw_samples, sample_calibration
-    from .sources import read_manifest
+    from .data.calibration import CalibrationSpec, draw_samples, sample_calibration
+    from .data.sources import read_manifest
 
     spec = CalibrationSpec(a.data, a.nsamples, a.seed, a.seqlen, a.mode, a.hub_config, a.split, a.text_field, a.max_windows)
     read_manifest(a.model)
@@ -64,9 +64,9 @@ def cmd_sample_calibration(a: argparse.Namespace) -> None:
 
 def cmd_step(a: argparse.Namespace) -> None:
     from .blocks import PrunableModel
-    from .calibration import load_calibration
-    from .search import StepSettings, check_budget, load_previous, parse_shard, search_step, write_shard, write_step
-    from .sources import load_prepared, read_manifest
+    from .data.calibration import load_calibration
+    from .data.sources import load_prepared, read_manifest
+    from .search.greedy import StepSettings, check_budget, load_previous, parse_shard, search_step, write_shard, write_step
 
     settings = StepSettings.make(a.candidates, a.screen_windows, a.confirm_top, a.candidates_by_bi)
     settings.validate()
@@ -86,7 +86,7 @@ def cmd_step(a: argparse.Namespace) -> None:
 
 
 def cmd_gather_step(a: argparse.Namespace) -> None:
-    from .search import gather_shards, read_shard, write_step
+    from .search.greedy import gather_shards, read_shard, write_step
 
     record = gather_shards([read_shard(p) for p in a.shards], [str(p) for p in a.shards])
     write_step(a.out, record)
@@ -95,7 +95,7 @@ def cmd_gather_step(a: argparse.Namespace) -> None:
 
 
 def cmd_target_k(a: argparse.Namespace) -> None:
-    from .search import read_step, steps_to_ratio
+    from .search.greedy import read_step, steps_to_ratio
 
     paths = sorted(Path(a.steps).glob("step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
     steps = [read_step(p) for p in paths]
@@ -105,9 +105,9 @@ def cmd_target_k(a: argparse.Namespace) -> None:
 
 def cmd_perplexity(a: argparse.Namespace) -> None:
     from .blocks import PrunableModel
-    from .calibration import load_calibration
-    from .perplexity import perplexity
-    from .sources import load_prepared
+    from .data.calibration import load_calibration
+    from .data.sources import load_prepared
+    from .eval.wikitext import perplexity
 
     calib = load_calibration(a.calib)
     model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map)
@@ -118,7 +118,7 @@ def cmd_perplexity(a: argparse.Namespace) -> None:
 
 
 def cmd_eval_ppl(a: argparse.Namespace) -> None:
-    from .evaluate import wikitext_perplexity, write_ppl
+    from .eval.wikitext import wikitext_perplexity, write_ppl
 
     r = wikitext_perplexity(a.model, a.data, seqlen=a.seqlen, max_windows=a.max_windows, hub_config=a.hub_config,
                             split=a.split, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
@@ -128,7 +128,7 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
 
 
 def cmd_eval_tasks(a: argparse.Namespace) -> None:
-    from .evaluate import run_tasks, write_tasks
+    from .eval.zeroshot import run_tasks, write_tasks
 
     r = run_tasks(a.model, a.tasks, a.local_data, num_fewshot=a.num_fewshot, batch_size=a.batch_size, limit=a.limit,
                   device=a.device, dtype=a.dtype)
@@ -139,7 +139,8 @@ def cmd_eval_tasks(a: argparse.Namespace) -> None:
 
 
 def cmd_materialize(a: argparse.Namespace) -> None:
-    from .export import check_decilm, materialize, to_decilm
+    from .export.decilm import check_decilm, to_decilm
+    from .export.materialize import materialize
 
     if a.nemotron_nas:  # refuse before the work, not after
         config = Path(a.model) / "config.json"
@@ -155,7 +156,7 @@ def cmd_materialize(a: argparse.Namespace) -> None:
 
 
 def cmd_speed(a: argparse.Namespace) -> None:
-    from .speed import measure, write_speed
+    from .eval.speed import measure, write_speed
 
     r = measure(a.model, a.baseline, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, repeats=a.repeats,
                 warmup=a.warmup, device=a.device, threads=a.threads)
@@ -171,14 +172,14 @@ def cmd_speed(a: argparse.Namespace) -> None:
 
 
 def cmd_sequence(a: argparse.Namespace) -> None:
-    from .summary import write_sequence
+    from .report.summary import write_sequence
 
     rows = write_sequence(a.out, a.steps)
     log.info("removal sequence of %d steps (%s) -> %s", len(rows), ", ".join(r["removed_block"] for r in rows), a.out)
 
 
 def cmd_summarize(a: argparse.Namespace) -> None:
-    from .summary import summarize
+    from .report.summary import summarize
 
     rows = summarize(a.files, a.csv, a.markdown, ratio_of=a.ratio_of, plot_ppl=a.plot_ppl,
                      plot_accuracy=a.plot_accuracy, plot_blocks=a.plot_blocks)
@@ -186,11 +187,11 @@ def cmd_summarize(a: argparse.Namespace) -> None:
 
 
 def cmd_baseline_step(a: argparse.Namespace) -> None:
-    from .baselines import baseline_step, check_step, settings_for
     from .blocks import PrunableModel
-    from .calibration import load_calibration
-    from .search import load_previous, write_step
-    from .sources import load_prepared, read_manifest
+    from .data.calibration import load_calibration
+    from .data.sources import load_prepared, read_manifest
+    from .search.baselines import baseline_step, check_step, settings_for
+    from .search.greedy import load_previous, write_step
 
     settings = settings_for(a.method, a.candidates)
     manifest = read_manifest(a.model)
@@ -206,10 +207,10 @@ def cmd_baseline_step(a: argparse.Namespace) -> None:
 
 
 def cmd_analyze_bi(a: argparse.Namespace) -> None:
-    from .analyses import bi_layer_vs_block
     from .blocks import PrunableModel
-    from .calibration import load_calibration
-    from .sources import load_prepared, read_manifest
+    from .data.calibration import load_calibration
+    from .data.sources import load_prepared, read_manifest
+    from .report.analyses import bi_layer_vs_block
 
     if a.max_windows is not None and a.max_windows < 1:
         raise UserError(f"--max-windows must be a positive integer, got {a.max_windows}")
@@ -222,7 +223,7 @@ def cmd_analyze_bi(a: argparse.Namespace) -> None:
 
 
 def cmd_analyze(a: argparse.Namespace) -> None:
-    from . import analyses
+    from .report import analyses
 
     if a.kind == "ratio":
         rows = analyses.metrics_vs_ratio(a.files, a.csv, a.png, ratio_of=a.ratio_of)
@@ -240,7 +241,7 @@ def cmd_analyze(a: argparse.Namespace) -> None:
 
 
 def cmd_match_budgets(a: argparse.Namespace) -> None:
-    from .analyses import budget_table
+    from .report.analyses import budget_table
 
     rows = budget_table(a.files, a.ratio, a.csv, ratio_of=a.ratio_of)
     for r in rows:
@@ -255,7 +256,7 @@ def cmd_architectures(a: argparse.Namespace) -> None:
 
 
 def cmd_benchmark_search(a: argparse.Namespace) -> dict:
-    from .benchmark import run_cli
+    from .report.search_speed import run_cli
 
     return run_cli(a)
 

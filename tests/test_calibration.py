@@ -8,8 +8,7 @@ import random
 import pytest
 import torch
 
-from blockpruner.calibration import (ALPACA_NO_INPUT, CalibrationSpec, load_calibration, render,
-                                     sample_calibration)
+from blockpruner.data.calibration import ALPACA_NO_INPUT, CalibrationSpec, load_calibration, render, sample_calibration
 from blockpruner.errors import UserError
 
 from .conftest import DATA, require_shared

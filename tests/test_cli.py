@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-import blockpruner.sources
-from blockpruner.calibration import CalibrationSpec, sample_calibration
+import blockpruner.data.sources
 from blockpruner.cli import main
-from blockpruner.sources import write_manifest
+from blockpruner.data.calibration import CalibrationSpec, sample_calibration
+from blockpruner.data.sources import write_manifest
 
 from .conftest import tiny_model
 from .test_calibration import CharTokenizer
@@ -37,7 +37,7 @@ def forbid_model_loading(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded although the input is bad")
 
-    monkeypatch.setattr(blockpruner.sources, "load_prepared", boom)
+    monkeypatch.setattr(blockpruner.data.sources, "load_prepared", boom)
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", boom)
 
 

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from blockpruner import evaluate
 from blockpruner.artifacts import read_json
 from blockpruner.errors import UserError
+from blockpruner.eval import wikitext, zeroshot
 
 from .conftest import DATA, require_shared, tiny_model
 
@@ -45,7 +45,7 @@ def tiny_tokenizer(vocab_size: int = 96):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from blockpruner.sources import write_manifest
+    from blockpruner.data.sources import write_manifest
 
     out = tmp_path_factory.mktemp("tiny") / "prepared"
     model = tiny_model("llama")
@@ -65,12 +65,12 @@ def rows_file(tmp_path):
 @pytest.fixture()
 def no_model_load(monkeypatch):
     """Fail the test if anything tries to load model weights."""
-    import blockpruner.sources
+    import blockpruner.data.sources
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(blockpruner.sources, "load_prepared", refuse)
+    monkeypatch.setattr(blockpruner.data.sources, "load_prepared", refuse)
 
 
 # ---------------------------------------------------------------- WikiText-2
@@ -80,29 +80,29 @@ def test_windows_match_direct_tokenization():
     tok = tiny_tokenizer()
     rows = LINES * 3
     ids = tok("\n\n".join(rows)).input_ids
-    windows, stream = evaluate.wikitext_windows(tok, rows, seqlen=16)
+    windows, stream = wikitext.wikitext_windows(tok, rows, seqlen=16)
     assert stream == len(ids)
     assert len(windows) == len(ids) // 16 and len(windows) >= 3
     assert torch.cat(windows).tolist() == ids[: len(windows) * 16]
     assert all(len(w) == 16 for w in windows)
-    few, _ = evaluate.wikitext_windows(tok, rows, seqlen=16, max_windows=2)
+    few, _ = wikitext.wikitext_windows(tok, rows, seqlen=16, max_windows=2)
     assert [w.tolist() for w in few] == [w.tolist() for w in windows[:2]]
     with pytest.raises(UserError, match="fewer than one window"):
-        evaluate.wikitext_windows(tok, rows, seqlen=len(ids) + 1)
+        wikitext.wikitext_windows(tok, rows, seqlen=len(ids) + 1)
 
 
 def test_local_rows_jsonl_and_raw(tmp_path, rows_file):
-    rows, info = evaluate.load_wikitext_rows(str(rows_file))
+    rows, info = wikitext.load_wikitext_rows(str(rows_file))
     assert rows == LINES * 3 and info["data"] == str(rows_file) and len(info["data_sha256"]) == 64
     raw = tmp_path / "wiki.test.raw"
     raw.write_bytes(b" = A = \r\n B c . \r\n")
-    assert evaluate.load_wikitext_rows(str(raw))[0] == [" = A = ", " B c . "]
+    assert wikitext.load_wikitext_rows(str(raw))[0] == [" = A = ", " B c . "]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(UserError, match="'text' field"):
-        evaluate.load_wikitext_rows(str(bad))
+        wikitext.load_wikitext_rows(str(bad))
     with pytest.raises(UserError, match="not found"):
-        evaluate.load_wikitext_rows(str(tmp_path / "missing.jsonl"))
+        wikitext.load_wikitext_rows(str(tmp_path / "missing.jsonl"))
 
 
 def test_hub_rows_and_offline_error(monkeypatch):
@@ -115,7 +115,7 @@ def test_hub_rows_and_offline_error(monkeypatch):
         return datasets.Dataset.from_dict({"text": LINES})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    rows, info = evaluate.load_wikitext_rows("wikitext", "wikitext-2-raw-v1", "test")
+    rows, info = wikitext.load_wikitext_rows("wikitext", "wikitext-2-raw-v1", "test")
     assert rows == LINES and seen == {"path": "wikitext", "name": "wikitext-2-raw-v1", "split": "test"}
     assert info["hub_config"] == "wikitext-2-raw-v1"
 
@@ -124,12 +124,12 @@ def test_hub_rows_and_offline_error(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(UserError, match=r"eval\.wikitext\.path.*--data"):
-        evaluate.load_wikitext_rows("wikitext", "wikitext-2-raw-v1", "test")
+        wikitext.load_wikitext_rows("wikitext", "wikitext-2-raw-v1", "test")
 
 
 def test_shared_wikitext_rows():
     require_shared()
-    rows, _ = evaluate.load_wikitext_rows(str(WIKI_ROWS))
+    rows, _ = wikitext.load_wikitext_rows(str(WIKI_ROWS))
     assert len(rows) == 4358
     assert rows[:3] == ["", " = Robert Boulter = \n", ""]
     assert sum(1 for r in rows if r) == 2891
@@ -138,7 +138,7 @@ def test_shared_wikitext_rows():
 def test_tiny_perplexity_matches_hf_loss(tiny_dir, rows_file):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    r = evaluate.wikitext_perplexity(tiny_dir, str(rows_file), seqlen=16, device="cpu", progress=False)
+    r = wikitext.wikitext_perplexity(tiny_dir, str(rows_file), seqlen=16, device="cpu", progress=False)
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     ids = torch.tensor(tok("\n\n".join(LINES * 3)).input_ids)
     n = len(ids) // 16
@@ -148,7 +148,7 @@ def test_tiny_perplexity_matches_hf_loss(tiny_dir, rows_file):
         total = sum(model(input_ids=w[None], labels=w[None]).loss.item() * 15 for w in ids[: n * 16].view(n, 16))
     assert r["nll_sum"] == pytest.approx(total, rel=1e-4)
     assert r["ppl"] == pytest.approx(math.exp(total / (n * 15)), rel=1e-4)
-    batched = evaluate.wikitext_perplexity(tiny_dir, str(rows_file), seqlen=16, max_windows=2, batch_size=2,
+    batched = wikitext.wikitext_perplexity(tiny_dir, str(rows_file), seqlen=16, max_windows=2, batch_size=2,
                                            device="cpu", progress=False)
     assert batched["windows"] == 2 and batched["predicted_tokens"] == 30
 
@@ -159,7 +159,7 @@ def test_cli_eval_ppl_writes_artifact(tiny_dir, rows_file, tmp_path):
     out = tmp_path / "ppl.json"
     assert main(["eval-ppl", "--model", str(tiny_dir), "--data", str(rows_file), "--seqlen", "16", "--max-windows", "3",
                  "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
-    r = read_json(out, evaluate.FORMAT_PPL)
+    r = read_json(out, wikitext.FORMAT_PPL)
     manifest = json.loads((tiny_dir / "manifest.json").read_text())
     assert r["model_hash"] == manifest["content_hash"] and r["windows"] == 3 and r["seqlen"] == 16
     assert r["data"] == str(rows_file) and math.isfinite(r["ppl"]) and r["ppl"] > 1
@@ -168,13 +168,13 @@ def test_cli_eval_ppl_writes_artifact(tiny_dir, rows_file, tmp_path):
 
 def test_ppl_bad_arguments_before_model_load(tiny_dir, rows_file, tmp_path, no_model_load):
     with pytest.raises(UserError, match="seqlen"):
-        evaluate.wikitext_perplexity(tiny_dir, str(rows_file), seqlen=1)
+        wikitext.wikitext_perplexity(tiny_dir, str(rows_file), seqlen=1)
     with pytest.raises(UserError, match="max_windows"):
-        evaluate.wikitext_perplexity(tiny_dir, str(rows_file), max_windows=0)
+        wikitext.wikitext_perplexity(tiny_dir, str(rows_file), max_windows=0)
     with pytest.raises(UserError, match="not found"):
-        evaluate.wikitext_perplexity(tiny_dir, str(tmp_path / "nope.jsonl"))
+        wikitext.wikitext_perplexity(tiny_dir, str(tmp_path / "nope.jsonl"))
     with pytest.raises(UserError, match="fewer than one window"):
-        evaluate.wikitext_perplexity(tiny_dir, str(rows_file), seqlen=100_000)
+        wikitext.wikitext_perplexity(tiny_dir, str(rows_file), seqlen=100_000)
 
 
 # ---------------------------------------------------------------- offline lm-eval tasks
@@ -187,7 +187,7 @@ def _jsonl(path):
 @pytest.fixture(scope="module")
 def local_tasks():
     require_shared()
-    return evaluate.load_tasks(list(evaluate.TASKS), EVALS)
+    return zeroshot.load_tasks(list(zeroshot.TASKS), EVALS)
 
 
 def _first(task):
@@ -250,7 +250,7 @@ def test_task_metrics_mirror_builtin(local_tasks):
     for name, task in local_tasks.items():
         metrics = {m["metric"] for m in task.config.metric_list}
         assert metrics == ({"acc"} if name == "winogrande" else {"acc", "acc_norm"}), name
-        assert evaluate.TASKS[name].metric in metrics
+        assert zeroshot.TASKS[name].metric in metrics
 
 
 def test_summarize_picks_paper_metric():
@@ -263,7 +263,7 @@ def test_summarize_picks_paper_metric():
                     "winogrande_local": {"acc,none": 0.55, "acc_stderr,none": 0.03}},
         "n-samples": {"piqa_local": {"original": 1838, "effective": 5}, "winogrande_local": {"original": 1267, "effective": 5}},
     }
-    s = evaluate.summarize(["piqa", "winogrande"], {"piqa": T("piqa_local"), "winogrande": T("winogrande_local")}, results)
+    s = zeroshot.summarize(["piqa", "winogrande"], {"piqa": T("piqa_local"), "winogrande": T("winogrande_local")}, results)
     assert s["piqa"] == {"task": "piqa_local", "metric": "acc_norm", "value": 0.7, "acc": 0.6, "acc_norm": 0.7,
                          "stderr": 0.01, "n": 5}
     assert s["winogrande"]["metric"] == "acc" and s["winogrande"]["value"] == 0.55 and s["winogrande"]["acc_norm"] is None
@@ -274,19 +274,19 @@ def test_summarize_picks_paper_metric():
 
 def test_unknown_task_before_model_load(tiny_dir, no_model_load):
     with pytest.raises(UserError, match="unknown task.*'lambada'.*available: piqa, winogrande"):
-        evaluate.run_tasks(tiny_dir, "piqa,lambada", str(EVALS))
+        zeroshot.run_tasks(tiny_dir, "piqa,lambada", str(EVALS))
     with pytest.raises(UserError, match="no tasks"):
-        evaluate.run_tasks(tiny_dir, " , ", str(EVALS))
+        zeroshot.run_tasks(tiny_dir, " , ", str(EVALS))
 
 
 def test_missing_local_data_before_model_load(tiny_dir, tmp_path, no_model_load):
     with pytest.raises(UserError, match="local eval data folder not found"):
-        evaluate.run_tasks(tiny_dir, ["piqa"], str(tmp_path / "nowhere"))
+        zeroshot.run_tasks(tiny_dir, ["piqa"], str(tmp_path / "nowhere"))
     (tmp_path / "evals" / "piqa").mkdir(parents=True)
     with pytest.raises(UserError, match=r"valid\.jsonl"):
-        evaluate.run_tasks(tiny_dir, ["piqa"], str(tmp_path / "evals"))
+        zeroshot.run_tasks(tiny_dir, ["piqa"], str(tmp_path / "evals"))
     with pytest.raises(UserError, match="limit"):
-        evaluate.run_tasks(tiny_dir, ["piqa"], str(EVALS), limit=0)
+        zeroshot.run_tasks(tiny_dir, ["piqa"], str(EVALS), limit=0)
 
 
 def test_hub_tasks_offline_error(monkeypatch):
@@ -297,7 +297,7 @@ def test_hub_tasks_offline_error(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(UserError, match="--local-data"):
-        evaluate.load_tasks(["winogrande"], None)
+        zeroshot.load_tasks(["winogrande"], None)
 
 
 def test_cli_eval_tasks_bad_task_exit_2(tiny_dir, tmp_path, capsys):
@@ -315,7 +315,7 @@ def test_cli_eval_tasks_bad_task_exit_2(tiny_dir, tmp_path, capsys):
 @pytest.mark.gemma
 def test_gemma_wikitext_perplexity(gemma_dir):
     require_shared()
-    r = evaluate.wikitext_perplexity(gemma_dir, str(WIKI_ROWS), seqlen=256, max_windows=2, device="cpu", progress=False)
+    r = wikitext.wikitext_perplexity(gemma_dir, str(WIKI_ROWS), seqlen=256, max_windows=2, device="cpu", progress=False)
     assert r["windows"] == 2 and r["predicted_tokens"] == 510 and r["stream_tokens"] > 250_000
     assert math.isfinite(r["ppl"]) and 5 < r["ppl"] < 500, r["ppl"]
     print(f"gemma wikitext2 ppl (2 x 256 tokens): {r['ppl']:.3f}")
@@ -330,7 +330,7 @@ def test_gemma_lm_eval_local(gemma_dir, tmp_path):
     out = tmp_path / "tasks.json"
     assert main(["eval-tasks", "--model", str(gemma_dir), "--tasks", "piqa,winogrande", "--local-data", str(EVALS),
                  "--limit", "5", "--batch-size", "5", "--device", "cpu", "--out", str(out)]) == 0
-    r = read_json(out, evaluate.FORMAT_TASKS)
+    r = read_json(out, zeroshot.FORMAT_TASKS)
     assert set(r["tasks"]) == {"piqa", "winogrande"} and r["limit"] == 5
     for name, t in r["tasks"].items():
         assert t["n"] == 5 and 0 <= t["value"] <= 1 and 0 <= t["acc"] <= 1

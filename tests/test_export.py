@@ -11,12 +11,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from blockpruner import export
 from blockpruner.adapters import adapter_for
 from blockpruner.blocks import PrunableModel, parse_block
+from blockpruner.data.sources import load_prepared, prepare_model, read_manifest
 from blockpruner.errors import UserError
-from blockpruner.search import StepSettings, search_step, write_step
-from blockpruner.sources import load_prepared, prepare_model, read_manifest
+from blockpruner.export import decilm, materialize
+from blockpruner.search.greedy import StepSettings, search_step, write_step
 
 from .conftest import ARCHS, tiny_model
 
@@ -91,7 +91,7 @@ def remote_load(path: Path):
 
 
 def tensor_names(path: Path) -> set[str]:
-    with safe_open(str(path / export.WEIGHTS_FILE), "pt") as f:
+    with safe_open(str(path / materialize.WEIGHTS_FILE), "pt") as f:
         return set(f.keys())
 
 
@@ -106,7 +106,7 @@ def materialised(tmp_path_factory):
             prep, model = prepared_tiny(root, arch)
             rec = step_record(model, prep, PATTERN)
             write_step(root / "step_5.json", rec)
-            export.materialize(prep, root / "step_5.json", root / "pruned")
+            materialize.materialize(prep, root / "step_5.json", root / "pruned")
             pm = PrunableModel.wrap(model)
             pm.set_removed(PATTERN)
             cache[arch] = (model, prep, root / "pruned", rec)
@@ -121,7 +121,7 @@ def test_both_loaders_equal_in_memory_pruning(arch, materialised):
     ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(ids).logits
-        for loaded in (export.load_pruned(pruned), remote_load(pruned)):
+        for loaded in (materialize.load_pruned(pruned), remote_load(pruned)):
             assert loaded.config.num_hidden_layers == 4
             torch.testing.assert_close(loaded(ids).logits, want, atol=1e-5, rtol=0)
 
@@ -135,7 +135,7 @@ def test_generation_with_kv_cache(arch, materialised):
     """
     model, _, pruned, _ = materialised(arch)
     want = greedy_without_cache(model, PROMPT, 6)
-    for loaded in (export.load_pruned(pruned), remote_load(pruned)):
+    for loaded in (materialize.load_pruned(pruned), remote_load(pruned)):
         out = loaded.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), do_sample=False, max_new_tokens=6,
                               min_new_tokens=6, return_dict_in_generate=True, pad_token_id=0)
         assert out.sequences.tolist() == want.tolist()
@@ -167,7 +167,7 @@ def test_removed_blocks_have_no_tensors(arch, materialised):
             for part in adapter.branch(kind).parts():
                 has = any(n.startswith(f"{prefix}{j}.{part}.") for n in names)
                 assert has == present, (j, part)
-    loaded = export.load_pruned(pruned)
+    loaded = materialize.load_pruned(pruned)
     assert sum(p.numel() for p in loaded.parameters()) == rec["params"]["remaining"]
     assert read_manifest(pruned)["parameters"] == rec["params"]["remaining"]
     cfg = json.loads((pruned / "config.json").read_text())
@@ -181,7 +181,7 @@ def test_removed_blocks_have_no_tensors(arch, materialised):
 
 def test_attention_module_renumbered(materialised):
     _, _, pruned, _ = materialised("gemma3_text")
-    loaded = export.load_pruned(pruned)
+    loaded = materialize.load_pruned(pruned)
     attn = [(j, layer.self_attn.layer_idx) for j, layer in enumerate(loaded.model.layers) if hasattr(layer, "self_attn")]
     assert attn == [(1, 0), (3, 1)]
     assert not hasattr(loaded.model.layers[0], "input_layernorm")  # the attention block's norm went with it
@@ -199,12 +199,12 @@ def test_load_prepared_reads_materialised_dir(materialised):
 
 def test_blockpruner_perplexity_of_materialised_model(materialised):
     """Evaluation wraps models in PrunableModel; a pruned model keeps its own forward under it."""
-    from blockpruner.perplexity import perplexity
+    from blockpruner.eval.wikitext import perplexity
 
     model, _, pruned, _ = materialised("gemma2")
     windows = [torch.randint(3, 96, (12,), generator=torch.Generator().manual_seed(s)) for s in range(2)]
     want = perplexity(PrunableModel.wrap(model), windows, progress=False)  # PATTERN set in memory
-    pm = PrunableModel.wrap(export.load_pruned(pruned))
+    pm = PrunableModel.wrap(materialize.load_pruned(pruned))
     pm.set_removed([])
     got = perplexity(pm, windows, progress=False)
     assert math.isclose(got["nll_sum"], want["nll_sum"], rel_tol=1e-6)
@@ -224,11 +224,11 @@ def test_real_search_steps(tmp_path):
         rec = search_step(pm, windows, k, removed, StepSettings(), {"model_hash": manifest["content_hash"]}, progress=False)
         write_step(tmp_path / f"step_{k}.json", rec)
         removed = rec["removed"]
-    summary = export.materialize(prep, tmp_path / "step_3.json", tmp_path / "pruned")
+    summary = materialize.materialize(prep, tmp_path / "step_3.json", tmp_path / "pruned")
     assert summary["removed"] == removed and summary["params"] == rec["params"]["remaining"]
     pm.set_removed(removed)
     with torch.no_grad():
-        torch.testing.assert_close(export.load_pruned(tmp_path / "pruned")(PROMPT).logits, model(PROMPT).logits,
+        torch.testing.assert_close(materialize.load_pruned(tmp_path / "pruned")(PROMPT).logits, model(PROMPT).logits,
                                    atol=1e-5, rtol=0)
 
 
@@ -241,11 +241,11 @@ def test_bf16_model_stays_bf16(tmp_path):
     dense, _, _ = load_prepared(prep)
     removed = ["mlp.1", "attn.0"]
     write_step(tmp_path / "step.json", step_record(dense, prep, removed))
-    export.materialize(prep, tmp_path / "step.json", tmp_path / "pruned")
+    materialize.materialize(prep, tmp_path / "step.json", tmp_path / "pruned")
     PrunableModel.wrap(dense).set_removed(removed)
     assert read_manifest(tmp_path / "pruned")["dtype"] == "bf16"
     with torch.no_grad():
-        for loaded in (export.load_pruned(tmp_path / "pruned"), load_prepared(tmp_path / "pruned")[0]):
+        for loaded in (materialize.load_pruned(tmp_path / "pruned"), load_prepared(tmp_path / "pruned")[0]):
             assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
             torch.testing.assert_close(loaded(PROMPT).logits, dense(PROMPT).logits, atol=0, rtol=0)
 
@@ -255,9 +255,9 @@ def test_all_attention_removed(tmp_path):
     prep, model = prepared_tiny(tmp_path, "llama", layers=2)
     removed = ["attn.1", "attn.0"]
     write_step(tmp_path / "step.json", step_record(model, prep, removed))
-    export.materialize(prep, tmp_path / "step.json", tmp_path / "pruned")
+    materialize.materialize(prep, tmp_path / "step.json", tmp_path / "pruned")
     PrunableModel.wrap(model).set_removed(removed)
-    loaded = export.load_pruned(tmp_path / "pruned")
+    loaded = materialize.load_pruned(tmp_path / "pruned")
     out = loaded.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), do_sample=False, max_new_tokens=4,
                           min_new_tokens=4, pad_token_id=0)
     assert out.tolist() == greedy_without_cache(model, PROMPT, 4).tolist()
@@ -282,12 +282,12 @@ def test_multimodal_gemma3(tmp_path):
     prepare_model(str(tmp_path / "src"), prep)
     removed = ["attn.0", "mlp.1", "attn.1"]
     write_step(tmp_path / "step.json", step_record(model, prep, removed))
-    export.materialize(prep, tmp_path / "step.json", tmp_path / "pruned")
+    materialize.materialize(prep, tmp_path / "step.json", tmp_path / "pruned")
     PrunableModel.wrap(model).set_removed(removed)
     cfg = json.loads((tmp_path / "pruned" / "config.json").read_text())
     assert cfg["text_config"]["num_hidden_layers"] == 3 and len(cfg["text_config"]["layer_types"]) == 3
     with torch.no_grad():
-        for loaded in (export.load_pruned(tmp_path / "pruned"), remote_load(tmp_path / "pruned")):
+        for loaded in (materialize.load_pruned(tmp_path / "pruned"), remote_load(tmp_path / "pruned")):
             torch.testing.assert_close(loaded(PROMPT).logits, model(PROMPT).logits, atol=1e-5, rtol=0)
             out = loaded.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), do_sample=False, max_new_tokens=4,
                                   min_new_tokens=4, return_dict_in_generate=True)
@@ -299,7 +299,7 @@ def test_stale_step_refused(tmp_path, materialised):
     model, prep, _, rec = materialised("llama")
     write_step(tmp_path / "step.json", rec | {"inputs": rec["inputs"] | {"model_hash": "0" * 64}})
     with pytest.raises(UserError, match="stale"):
-        export.materialize(prep, tmp_path / "step.json", tmp_path / "out")
+        materialize.materialize(prep, tmp_path / "step.json", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -309,7 +309,7 @@ def test_step_for_a_different_model_size_refused(tmp_path, materialised):
     bad = rec | {"params": rec["params"] | {"remaining": rec["params"]["remaining"] + 1}}
     write_step(tmp_path / "step.json", bad)
     with pytest.raises(UserError, match="parameters"):
-        export.materialize(prep, tmp_path / "step.json", tmp_path / "out")
+        materialize.materialize(prep, tmp_path / "step.json", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
@@ -324,16 +324,16 @@ def _copy_pruned(src: Path, dst: Path) -> Path:
 def test_damaged_weights_refused(tmp_path, materialised, damage):
     _, _, pruned, _ = materialised("llama")
     bad = _copy_pruned(pruned, tmp_path / "bad")
-    tensors = load_file(str(bad / export.WEIGHTS_FILE))
+    tensors = load_file(str(bad / materialize.WEIGHTS_FILE))
     if damage == "missing":
         del tensors["model.layers.1.self_attn.k_proj.weight"]
     elif damage == "unexpected":  # e.g. weights of a removed block left behind
         tensors["model.layers.0.self_attn.k_proj.weight"] = tensors["model.layers.1.self_attn.k_proj.weight"].clone()
     else:
         tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:-1].clone()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(bad / export.WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(bad / materialize.WEIGHTS_FILE), metadata={"format": "pt"})
     with pytest.raises(UserError, match=damage):
-        export.load_pruned(bad)
+        materialize.load_pruned(bad)
     if damage == "wrong shape":  # transformers itself refuses a shape mismatch
         with pytest.raises(RuntimeError, match="mismatched_sizes"):
             remote_load(bad)
@@ -345,7 +345,7 @@ def test_damaged_weights_refused(tmp_path, materialised, damage):
 def test_not_a_pruned_dir(materialised):
     _, prep, _, _ = materialised("llama")
     with pytest.raises(UserError, match="not a materialised pruned model"):
-        export.load_pruned(prep)
+        materialize.load_pruned(prep)
 
 
 def test_cli_materialize(tmp_path, materialised):
@@ -388,8 +388,8 @@ def test_decilm_layout_matches_published_format(tmp_path):
     # FFN width 256 = round_up(int(2 * 6.0 * 64 / 3), 256): representable as a DeciLM ffn_mult
     prep, model = prepared_tiny(tmp_path, "llama", layers=5, hidden_size=64, intermediate_size=256)
     write_step(tmp_path / "step.json", step_record(model, prep, PATTERN))
-    export.materialize(prep, tmp_path / "step.json", tmp_path / "pruned")
-    cfg = export.to_decilm(tmp_path / "pruned", tmp_path / "nas")
+    materialize.materialize(prep, tmp_path / "step.json", tmp_path / "pruned")
+    cfg = decilm.to_decilm(tmp_path / "pruned", tmp_path / "nas")
     written = json.loads((tmp_path / "nas" / "config.json").read_text())
     assert written == json.loads(json.dumps(cfg))
     assert NAS_TOP_KEYS <= set(written)
@@ -403,22 +403,22 @@ def test_decilm_layout_matches_published_format(tmp_path):
         assert block["attention"]["no_op"] is (not attn) and block["ffn"]["no_op"] is (not mlp)
         assert block["attention"]["n_heads_in_group"] == (4 // 2 if attn else None)
         if mlp:
-            assert export.decilm_intermediate_size(block["ffn"]["ffn_mult"], 64) == 256
+            assert decilm.decilm_intermediate_size(block["ffn"]["ffn_mult"], 64) == 256
         else:
             assert block["ffn"]["ffn_mult"] is None
         layer = {n.split(".", 3)[3] for n in names if n.startswith(f"model.layers.{j}.")}
         assert layer == (NAS_LAYER_TENSORS["attn"] if attn else set()) | (NAS_LAYER_TENSORS["mlp"] if mlp else set())
     assert {"model.embed_tokens.weight", "model.norm.weight"} <= names
-    assert not (tmp_path / "nas" / export.MODELING_FILE).exists()
+    assert not (tmp_path / "nas" / materialize.MODELING_FILE).exists()
 
 
 def test_decilm_refuses_other_layouts(tmp_path, materialised):
     _, _, pruned, _ = materialised("qwen2")
     with pytest.raises(UserError, match="Llama-family"):
-        export.to_decilm(pruned, tmp_path / "nas")
+        decilm.to_decilm(pruned, tmp_path / "nas")
     _, _, pruned, _ = materialised("llama")  # intermediate 48 is not a multiple of 256
     with pytest.raises(UserError, match="ffn_mult"):
-        export.to_decilm(pruned, tmp_path / "nas")
+        decilm.to_decilm(pruned, tmp_path / "nas")
 
 
 # -- the real Gemma 3 270M -------------------------------------------------------------------------
@@ -429,7 +429,7 @@ def test_gemma_round_trip(gemma_dir, tmp_path):
     removed = ["attn.0", "mlp.5", "attn.5", "attn.9", "mlp.12"]
     rec = step_record(model, gemma_dir, removed)
     write_step(tmp_path / "step_5.json", rec)
-    summary = export.materialize(gemma_dir, tmp_path / "step_5.json", tmp_path / "pruned")
+    summary = materialize.materialize(gemma_dir, tmp_path / "step_5.json", tmp_path / "pruned")
     print("\ngemma materialised:", {k: summary[k] for k in ("params_before", "params", "layers", "attention_layers",
                                                              "removed_tensors")})
     assert summary["params"] == rec["params"]["remaining"] and summary["layers"] == 17
@@ -437,7 +437,7 @@ def test_gemma_round_trip(gemma_dir, tmp_path):
     ids = torch.randint(1000, 200000, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(ids).logits
-        for loaded in (export.load_pruned(tmp_path / "pruned"), remote_load(tmp_path / "pruned")):
+        for loaded in (materialize.load_pruned(tmp_path / "pruned"), remote_load(tmp_path / "pruned")):
             torch.testing.assert_close(loaded(ids).logits, want, atol=1e-5, rtol=0)
             out = loaded.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=5,
                                   min_new_tokens=5, return_dict_in_generate=True)

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from blockpruner.blocks import PrunableModel
-from blockpruner.calibration import CalibrationSpec, load_calibration, sample_calibration
-from blockpruner.perplexity import perplexity
-from blockpruner.search import StepSettings, search_step
-from blockpruner.sources import load_prepared, read_manifest
+from blockpruner.data.calibration import CalibrationSpec, load_calibration, sample_calibration
+from blockpruner.data.sources import load_prepared, read_manifest
+from blockpruner.eval.wikitext import perplexity
+from blockpruner.search.greedy import StepSettings, search_step
 
 from .conftest import DATA, require_shared
 

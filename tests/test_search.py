@@ -9,9 +9,9 @@ import torch
 
 from blockpruner.blocks import PrunableModel, tie_order
 from blockpruner.errors import UserError
-from blockpruner.evaluator import Cost, current_nll, score_candidates
-from blockpruner.perplexity import perplexity
-from blockpruner.search import StepSettings, candidate_blocks, search_step, steps_to_ratio
+from blockpruner.eval.wikitext import perplexity
+from blockpruner.search.greedy import StepSettings, candidate_blocks, search_step, steps_to_ratio
+from blockpruner.search.scoring import Cost, current_nll, score_candidates
 
 from .conftest import ARCHS, tiny_model
 

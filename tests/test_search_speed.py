@@ -10,15 +10,14 @@ import math
 import pytest
 import torch
 
-from blockpruner.benchmark import tiny_windows
 from blockpruner.blocks import PrunableModel
-from blockpruner.calibration import CalibrationSpec, load_calibration, sample_calibration
 from blockpruner.cli import main
+from blockpruner.data.calibration import CalibrationSpec, load_calibration, sample_calibration
+from blockpruner.data.sources import write_manifest
 from blockpruner.errors import UserError
-from blockpruner.evaluator import Cost, FlopModel, causal_pairs, layer_influence, score_candidates
-from blockpruner.search import (StepSettings, gather_shards, load_previous, parse_shard, read_step, search_step,
-                                write_step)
-from blockpruner.sources import write_manifest
+from blockpruner.report.search_speed import tiny_windows
+from blockpruner.search.greedy import StepSettings, gather_shards, load_previous, parse_shard, read_step, search_step, write_step
+from blockpruner.search.scoring import Cost, FlopModel, causal_pairs, layer_influence, score_candidates
 
 from .conftest import ROOT, tiny_model
 from .test_calibration import CharTokenizer
@@ -101,7 +100,7 @@ def test_early_stop_same_sequence_fewer_forwards(trained):
 
 def test_bound_also_stops_inside_a_window(monkeypatch):
     """Between head chunks: with 16-token chunks a window is stopped part-way, exactly."""
-    import blockpruner.evaluator as ev
+    import blockpruner.search.scoring as ev
 
     monkeypatch.setattr(ev, "head_chunk_tokens", lambda vocab: 4)
     pm = PrunableModel.wrap(tiny_model("llama", seed=5, num_hidden_layers=3))

@@ -6,11 +6,12 @@ import json
 
 import pytest
 
-from blockpruner import export, speed
 from blockpruner.artifacts import read_json
 from blockpruner.cli import main
 from blockpruner.errors import UserError
-from blockpruner.search import write_step
+from blockpruner.eval import speed
+from blockpruner.export import materialize
+from blockpruner.search.greedy import write_step
 
 from .test_export import one_thread, prepared_tiny, step_record  # noqa: F401  (one_thread: autouse fixture)
 
@@ -32,7 +33,7 @@ def pruned_llama(tmp_path_factory):
     prep, model = prepared_tiny(root, "llama", layers=4)
     rec = step_record(model, prep, ["attn.1", "mlp.2"])
     write_step(root / "step_2.json", rec)
-    export.materialize(prep, root / "step_2.json", root / "pruned")
+    materialize.materialize(prep, root / "step_2.json", root / "pruned")
     return prep, root / "pruned", rec
 
 
@@ -79,13 +80,13 @@ def test_bad_arguments(pruned_llama, kwargs, match):
 @pytest.mark.gemma
 def test_gemma_speed(gemma_dir, tmp_path):
     """Gemma 3 270M minus 5 blocks (3 attention) vs dense, a few tokens on this machine."""
-    from blockpruner.sources import load_prepared
+    from blockpruner.data.sources import load_prepared
 
     model, _, _ = load_prepared(gemma_dir)
     rec = step_record(model, gemma_dir, ["attn.0", "mlp.5", "attn.5", "attn.9", "mlp.12"])
     del model
     write_step(tmp_path / "step_5.json", rec)
-    export.materialize(gemma_dir, tmp_path / "step_5.json", tmp_path / "pruned")
+    materialize.materialize(gemma_dir, tmp_path / "step_5.json", tmp_path / "pruned")
     r = speed.measure(tmp_path / "pruned", gemma_dir, prompt_tokens=32, new_tokens=16, repeats=3, warmup=1, device="cpu")
     show(r)
     assert r["kv_cache_reduction"] == pytest.approx(3 / 18)

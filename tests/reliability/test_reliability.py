@@ -15,11 +15,10 @@ import pytest
 import torch
 
 from blockpruner.artifacts import atomic_write, read_json, write_json
-from blockpruner.calibration import CalibrationSpec, load_calibration, sample_calibration
-from blockpruner.cli import main
+from blockpruner.data.calibration import CalibrationSpec, load_calibration, sample_calibration
+from blockpruner.data.sources import write_manifest
 from blockpruner.errors import UserError
-from blockpruner.search import read_step
-from blockpruner.sources import write_manifest
+from blockpruner.search.greedy import read_step
 
 from ..conftest import tiny_model
 from ..test_calibration import CharTokenizer
@@ -171,7 +170,7 @@ def test_unreachable_hub_id_says_how_to_use_a_local_copy(tmp_path):
 
 def test_unreachable_hub_dataset_names_the_local_key(tmp_path):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    code = ("from blockpruner.calibration import CalibrationSpec, draw_samples\n"
+    code = ("from blockpruner.data.calibration import CalibrationSpec, draw_samples\n"
             "draw_samples(CalibrationSpec('tatsu-lab/alpaca', nsamples=4))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert "UserError" in r.stderr and "calibration.<name>.path" in r.stderr and "--data PATH" in r.stderr
@@ -213,7 +212,7 @@ def test_empty_and_whitespace_records_are_dropped_before_sampling(tmp_path):
 
 def test_nan_logits_in_fp16_style_overflow_are_not_chosen():
     from blockpruner.blocks import PrunableModel
-    from blockpruner.search import StepSettings, search_step
+    from blockpruner.search.greedy import StepSettings, search_step
 
     pm = PrunableModel.wrap(tiny_model("mistral", seed=4))
     with torch.no_grad():  # an overflowing branch, like fp16 activations past 65504

@@ -178,7 +178,7 @@ def gpus(name):
 # syntax tree without docstrings, so comments, formatting and docstrings never rerun a job.
 
 # Data that a module reads by path rather than by import.
-_EXTRA_MODULES = {"eval-tasks": ["blockpruner.tasks"]}
+_EXTRA_MODULES = {"eval-tasks": ["blockpruner.eval.tasks"]}
 
 
 def _strip_docstrings(tree):

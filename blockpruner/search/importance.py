@@ -1,9 +1,9 @@
 """Importance metrics of the baselines: BI, relative magnitude, JS divergence, and the
 calibration perplexity of removing a whole layer.
 
-Every metric is computed from the same residual-stream states the evaluator uses: per
-calibration window, `evaluator.capture_window` records what the layers receive and
-`evaluator.prefix_states` runs the model *as it stands* (removed blocks skipped) once,
+Every metric is computed from the same residual-stream states the search scores: per
+calibration window, `scoring.capture_window` records what the layers receive and
+`scoring.prefix_states` runs the model *as it stands* (removed blocks skipped) once,
 keeping the state before every block (a removed block's output repeats its input). A
 *unit* is a block (`attn.i`, `mlp.i`) or a whole layer (`layer.i` = both of its blocks);
 its input x and output y are
@@ -43,11 +43,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .adapters import get_path
-from .blocks import PrunableModel, block_index, parse_block, tie_order
-from .errors import UserError
-from .evaluator import Cost, capture_window, prefix_states
-from .perplexity import head_chunk_tokens, perplexity_of, window_nll
+from ..adapters import get_path
+from ..blocks import PrunableModel, block_index, parse_block, tie_order
+from ..errors import UserError
+from .scoring import Cost, capture_window, head_chunk_tokens, head_nll, perplexity_of, prefix_states, run_blocks, window_batches
 
 METRICS = ("ppl", "bi", "rm", "js")
 
@@ -121,30 +120,6 @@ def rank_units(scores: Iterable[UnitScore]) -> list[UnitScore]:
     return done + rest
 
 
-# ---------------------------------------------------------------- running blocks
-
-
-def _device(pm: PrunableModel) -> torch.device:
-    return next(pm.model.parameters()).device
-
-
-def run_from(pm: PrunableModel, ctx, hidden: torch.Tensor, start: int, skip: set[str], cost: Cost) -> torch.Tensor:
-    """Run blocks `pm.names[start:]` not in `skip`, from `hidden`."""
-    h = hidden
-    tokens = hidden.shape[1]
-    for name in pm.names[start:]:
-        if name not in skip:
-            h = pm.run_block(name, h, ctx.layer_kwargs[block_index(name) // 2])
-            cost.add_block(pm, name, tokens)
-    return h
-
-
-def _windows(pm: PrunableModel, windows: Sequence[torch.Tensor]):
-    device = _device(pm)
-    for ids in windows:
-        yield ids.to(device).unsqueeze(0)
-
-
 # ---------------------------------------------------------------- BI and RM
 
 
@@ -164,9 +139,9 @@ def residual_metrics(pm: PrunableModel, windows: Sequence[torch.Tensor], units: 
         idx = [block_index(b) for b in blocks]
         spans[u] = (min(idx), max(idx) + 1)
     out = {m: {u: UnitScore(u, m) for u in units} for m in ("bi", "rm")}
-    for ids in _windows(pm, windows):
+    for ids in window_batches(pm, windows):
         ctx = capture_window(pm, ids)
-        states = prefix_states(pm, ctx, cost)
+        states = prefix_states(pm, ctx, cost, skip=set(pm.removed))
         cost.windows += 1
         n = ids.shape[1]
         for u, (a, b) in spans.items():
@@ -219,15 +194,15 @@ def js_scores(pm: PrunableModel, windows: Sequence[torch.Tensor], candidates: Se
     candidates = pm.check(candidates)
     removed = set(pm.removed)
     scores = {c: UnitScore(c, "js") for c in candidates}
-    for ids in _windows(pm, windows):
+    for ids in window_batches(pm, windows):
         ctx = capture_window(pm, ids)
-        states = prefix_states(pm, ctx, cost)
+        states = prefix_states(pm, ctx, cost, skip=set(pm.removed))
         cost.windows += 1
-        dense = states[-1] if not removed else run_from(pm, ctx, ctx.hidden, 0, set(), cost)
+        dense = states[-1] if not removed else run_blocks(pm, ctx, ctx.hidden, cost)
         n = ids.shape[1]
         for c in candidates:
             i = block_index(c)
-            h = run_from(pm, ctx, states[i], i + 1, removed | {c}, cost)
+            h = run_blocks(pm, ctx, states[i], cost, start=i + 1, skip=removed | {c})
             scores[c].add(js_sum(pm, h, dense), n)
             cost.add_head(pm, 2 * n)
         del states, ctx, dense
@@ -239,10 +214,10 @@ def js_to_dense(pm: PrunableModel, windows: Sequence[torch.Tensor], cost: Cost |
     """Mean JS divergence between the model as it stands and the dense model."""
     cost = cost if cost is not None else Cost()
     score = UnitScore("current", "js")
-    for ids in _windows(pm, windows):
+    for ids in window_batches(pm, windows):
         ctx = capture_window(pm, ids)
-        current = prefix_states(pm, ctx, cost)[-1]
-        dense = run_from(pm, ctx, ctx.hidden, 0, set(), cost)
+        current = run_blocks(pm, ctx, ctx.hidden, cost, skip=set(pm.removed))
+        dense = run_blocks(pm, ctx, ctx.hidden, cost)
         score.add(js_sum(pm, current, dense), ids.shape[1])
         cost.add_head(pm, 2 * ids.shape[1])
         cost.windows += 1
@@ -257,21 +232,21 @@ def unit_nll(pm: PrunableModel, windows: Sequence[torch.Tensor], units: Sequence
              cost: Cost | None = None) -> dict[str, UnitScore]:
     """Calibration NLL of the current model with each unit's blocks additionally removed.
 
-    The multi-block counterpart of `evaluator.score_candidates` (same prefix reuse: a unit's
+    The multi-block counterpart of `scoring.score_candidates` (same prefix reuse: a unit's
     run starts from the state before its first block), used for whole-layer candidates.
     """
     cost = cost if cost is not None else Cost()
     removed = set(pm.removed)
     blocks = {u: pm.check(unit_blocks(u)) for u in units}
     scores = {u: UnitScore(u, "ppl") for u in units}
-    for ids in _windows(pm, windows):
+    for ids in window_batches(pm, windows):
         ctx = capture_window(pm, ids)
-        states = prefix_states(pm, ctx, cost)
+        states = prefix_states(pm, ctx, cost, skip=set(pm.removed))
         cost.windows += 1
         for u, bs in blocks.items():
             start = min(block_index(b) for b in bs)
-            h = run_from(pm, ctx, states[start], start, removed | set(bs), cost)
-            scores[u].add(window_nll(pm, h, ids)[0], ids.shape[1] - 1)
-            cost.add_head(pm, ids.shape[1] - 1)
+            h = run_blocks(pm, ctx, states[start], cost, start=start, skip=removed | set(bs))
+            (nll,), tokens = head_nll(pm, h, ids, cost)
+            scores[u].add(nll, tokens)
         del states, ctx
     return scores

@@ -11,7 +11,7 @@ reference implementation's enumeration order. Non-finite candidates are recorded
 chosen; a step in which every candidate is non-finite stops with an error.
 
 Exact steps (`mode: exact`, the default) choose exactly the block plain greedy chooses.
-By default they stop losers early (`evaluator.score_exact`): the candidate ranked best by
+By default they stop losers early (`scoring.score_exact`): the candidate ranked best by
 the previous step (`prev`) is scored first and its total bounds the others; a candidate
 whose running NLL exceeds it is recorded with status "stopped" and its partial NLL. The
 chosen block and every finished NLL are those of scoring everything (`early_stop=False`).
@@ -41,11 +41,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import __version__
-from .artifacts import read_json, write_json
-from .blocks import PrunableModel, block_names, parse_block, tie_order
-from .errors import UserError
-from .evaluator import Cost, Score, layer_influence, rank, score_candidates, score_exact
+from .. import __version__
+from ..artifacts import read_json, write_json
+from ..blocks import PrunableModel, block_names, parse_block, tie_order
+from ..errors import UserError
+from .scoring import Cost, Score, layer_influence, rank, score_candidates, score_exact
 
 FORMAT = "blockpruner.step/1"
 SHARD_FORMAT = "blockpruner.step-shard/1"

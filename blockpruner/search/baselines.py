@@ -46,10 +46,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import __version__
-from .blocks import PrunableModel, parse_block
-from .errors import UserError
-from .search import StepSettings, check_budget
+from .. import __version__
+from ..blocks import PrunableModel, parse_block
+from ..errors import UserError
+from .greedy import StepSettings, check_budget
 
 log = logging.getLogger("blockpruner.baselines")
 
@@ -113,7 +113,7 @@ def candidate_units(settings: StepSettings, num_layers: int, removed: list[str],
 
 
 def _expand(units: list[str]) -> list[str]:
-    from .metrics import unit_blocks
+    from .importance import unit_blocks
 
     return [b for u in units for b in unit_blocks(u)]
 
@@ -137,8 +137,8 @@ def check_step(settings: StepSettings, num_layers: int, k: int, removed: list[st
 
 def rank_for(pm: PrunableModel, windows, m: Method, units: list[str], cost):
     """Ranked UnitScores (lowest first) of `units` on the model as it stands."""
-    from .evaluator import score_candidates
-    from .metrics import UnitScore, js_scores, rank_units, residual_metrics, unit_nll
+    from .importance import UnitScore, js_scores, rank_units, residual_metrics, unit_nll
+    from .scoring import score_candidates
 
     if m.metric == "ppl" and m.level == "block":
         scores = score_candidates(pm, windows, units, cost=cost)
@@ -156,12 +156,12 @@ def rank_for(pm: PrunableModel, windows, m: Method, units: list[str], cost):
 def baseline_step(pm: PrunableModel, windows, k: int, removed: list[str], settings: StepSettings, inputs: dict,
                   prev: dict | None = None, progress: bool = True) -> dict:
     """One step of a baseline method on top of `removed` (step k-1's removals); returns the record."""
-    from .evaluator import Cost, current_nll
-    from .metrics import unit_blocks
+    from .importance import unit_blocks
+    from .scoring import Cost, current_nll
 
     m = method_of(settings.method)
     if m.name == "blockpruner":
-        from .search import search_step
+        from .greedy import search_step
 
         return search_step(pm, windows, k, removed, settings, inputs, progress=progress, prev=prev)
     check_step(settings, pm.num_layers, k, removed, prev)
@@ -193,7 +193,7 @@ def baseline_step(pm: PrunableModel, windows, k: int, removed: list[str], settin
         pm.set_removed(now)
         score = current_nll(pm, windows, cost)
         nll_sum, tokens = score.nll_sum, score.tokens
-    from .perplexity import perplexity_of
+    from .scoring import perplexity_of
 
     ppl = perplexity_of(nll_sum, tokens)
     params = pm.param_summary(now)

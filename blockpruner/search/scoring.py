@@ -1,4 +1,4 @@
-"""The evaluator: NLL of "the current model minus one more block" for many candidates.
+"""The scoring engine: NLL of "the current model minus one more block" for many candidates.
 
 For each calibration window we
 
@@ -36,16 +36,15 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import get_path
-from .blocks import PrunableModel, block_index, parse_block, tie_order
-from .perplexity import head_chunk_tokens, perplexity_of, window_nll
+from ..adapters import get_path
+from ..blocks import PrunableModel, block_index, parse_block, tie_order
 
 # ---------------------------------------------------------------------------- FLOP model
 
@@ -188,7 +187,10 @@ class Score:
         return cls(d["block"], d["nll_sum"], d["tokens"], d["status"], d["windows"])
 
 
-# ---------------------------------------------------------------------------- running blocks
+# ---------------------------------------------------------------------------- the engine
+# Every pass over blocks in the package goes through `walk` (or `run_blocks`, its last
+# state) and every NLL through `head_nll`: the search, the baselines, the importance
+# metrics and the analyses all see the same residual stream and the same sums.
 
 
 @torch.no_grad()
@@ -216,75 +218,107 @@ def capture_window(pm: PrunableModel, input_ids: torch.Tensor) -> WindowContext:
     return WindowContext(first[0], seen)
 
 
-def _kwargs_for(ctx: WindowContext, name: str) -> dict:
-    return ctx.layer_kwargs[block_index(name) // 2]
-
-
-def _device(pm: PrunableModel) -> torch.device:
+def model_device(pm: PrunableModel) -> torch.device:
     return next(pm.model.parameters()).device
 
 
-@torch.no_grad()
-def prefix_states(pm: PrunableModel, ctx: WindowContext, cost: Cost) -> list[torch.Tensor]:
-    """Residual stream before each block (index 2L = after the last one), removed blocks skipped.
+def window_batches(pm: PrunableModel, windows: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Each 1-D window as a (1, T) batch on the model's device."""
+    device = model_device(pm)
+    for ids in windows:
+        yield ids.to(device).unsqueeze(0)
 
-    Keeps 2L + 1 states of one window; the candidate scoring below does not need them all at
-    once and walks the blocks instead. Kept for callers that want every state (metrics).
+
+def walk(pm: PrunableModel, ctx: WindowContext, hidden: torch.Tensor, cost: Cost, *, start: int = 0,
+         skip: Collection[str] = ()) -> Iterator[tuple[str | None, torch.Tensor]]:
+    """Walk blocks `pm.names[start:]` from residual state `hidden`: yield (block, the state
+    before it) for each, then run it unless it is in `skip`; finally yield (None, the last
+    state). A skipped block's state before and after is the same tensor. Stopping the
+    iteration early leaves the later blocks unrun."""
+    h = hidden
+    tokens = hidden.shape[1]
+    for name in pm.names[start:]:
+        yield name, h
+        if name not in skip:
+            h = pm.run_block(name, h, ctx.layer_kwargs[block_index(name) // 2])
+            cost.add_block(pm, name, tokens)
+    yield None, h
+
+
+def run_blocks(pm: PrunableModel, ctx: WindowContext, hidden: torch.Tensor, cost: Cost, *, start: int = 0,
+               skip: Collection[str] = ()) -> torch.Tensor:
+    """The residual stream after blocks `pm.names[start:]` not in `skip`, from `hidden`."""
+    for name, h in walk(pm, ctx, hidden, cost, start=start, skip=skip):
+        if name is None:
+            return h
+    raise AssertionError("walk always ends with the last state")
+
+
+def prefix_states(pm: PrunableModel, ctx: WindowContext, cost: Cost, skip: Collection[str] = ()) -> list[torch.Tensor]:
+    """Residual stream before each block (index 2L: after the last one), `skip` not run."""
+    return [h for _, h in walk(pm, ctx, ctx.hidden, cost, skip=skip)]
+
+
+LOGIT_BYTES_PER_CHUNK = 64 * 2**20  # fp32 logits held at once by the head
+
+
+def head_chunk_tokens(vocab_size: int) -> int:
+    return max(16, LOGIT_BYTES_PER_CHUNK // (4 * vocab_size))
+
+
+def head_nll(pm: PrunableModel, hidden: torch.Tensor, input_ids: torch.Tensor, cost: Cost | None = None, *,
+             normed: bool = False, bound: float | None = None, before: float = 0.0) -> tuple[list[float], int]:
+    """Summed next-token NLL per row of a (B, T) batch, and the label positions scored per row.
+
+    `hidden` is the last residual state (final-normed already when `normed`). The LM head and
+    any final logit soft-capping are applied exactly as the model's own forward, a chunk of
+    positions at a time, each chunk's cross-entropy summed in float64. With `bound` (one row),
+    scoring stops between chunks once `before` plus the running sum exceeds it: the rest can
+    only add to it.
     """
-    states = [ctx.hidden]
-    h = ctx.hidden
-    removed = set(pm.removed)
-    tokens = ctx.hidden.shape[1]
-    for name in pm.names:
-        if name not in removed:
-            h = pm.run_block(name, h, _kwargs_for(ctx, name))
-            cost.add_block(pm, name, tokens)
-        states.append(h)
-    return states
+    if not normed:
+        hidden = get_path(pm.model, pm.adapter.final_norm)(hidden)
+    head = get_path(pm.model, pm.adapter.lm_head)
+    softcap = getattr(pm.decoder_config, "final_logit_softcapping", None)
+    hidden = hidden[:, :-1]
+    labels = input_ids[:, 1:].to(hidden.device)
+    b, t = labels.shape
+    step = max(1, head_chunk_tokens(head.out_features) // b)
+    sums = torch.zeros(b, dtype=torch.float64, device=hidden.device)
+    done = 0
+    while done < t:
+        logits = head(hidden[:, done : done + step]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        nll = F.cross_entropy(logits.flatten(0, 1), labels[:, done : done + step].flatten(), reduction="none")
+        sums += nll.view(b, -1).double().sum(dim=1)
+        done += nll.numel() // b
+        if cost is not None:
+            cost.add_head(pm, nll.numel())
+        if bound is not None and done < t and before + sums.item() > bound:
+            break
+    return sums.tolist(), done
 
 
-@torch.no_grad()
-def run_suffix(pm: PrunableModel, ctx: WindowContext, start: torch.Tensor, after: str, cost: Cost) -> torch.Tensor:
-    """Run the remaining blocks after block `after`, starting from hidden state `start`."""
-    removed = set(pm.removed)
-    h = start
-    tokens = start.shape[1]
-    for name in pm.names[block_index(after) + 1 :]:
-        if name not in removed:
-            h = pm.run_block(name, h, _kwargs_for(ctx, name))
-            cost.add_block(pm, name, tokens)
-    return h
+def perplexity_of(nll_sum: float, tokens: int) -> float:
+    mean = nll_sum / tokens
+    return math.exp(mean) if math.isfinite(mean) and mean < 700 else math.inf
+
+
+# ---------------------------------------------------------------------------- scoring candidates
 
 
 @torch.no_grad()
 def _add_window_nll(pm: PrunableModel, hidden: torch.Tensor, ids: torch.Tensor, s: Score, bound: float | None,
                     cost: Cost, last_window: bool = False) -> None:
-    """Add one window's NLL to `s`; with `bound`, stop between head chunks once it is exceeded.
+    """Add one window's NLL to `s`, stopping between head chunks once `bound` is exceeded.
 
-    The head runs in the chunks of `perplexity.head_nll` with the same float64 sums, so a
-    finished window adds exactly what `perplexity.window_nll` returns. A candidate over the
-    bound is `stopped` only where work was cut (a chunk or a window left); one that finished
-    its last window stays `done`, with its full NLL, and simply loses.
+    A candidate over the bound is `stopped` only where work was cut (a chunk or a window
+    left); one that finished its last window stays `done`, with its full NLL, and simply loses.
     """
-    normed = get_path(pm.model, pm.adapter.final_norm)(hidden)[:, :-1]
-    labels = ids[:, 1:].to(normed.device)
-    head = get_path(pm.model, pm.adapter.lm_head)
-    softcap = getattr(pm.decoder_config, "final_logit_softcapping", None)
-    n = labels.shape[1]
-    step = max(1, head_chunk_tokens(head.out_features))
-    acc = torch.zeros(1, dtype=torch.float64, device=normed.device)
-    done = 0
-    while done < n:
-        logits = head(normed[:, done : done + step]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        nll = F.cross_entropy(logits.flatten(0, 1), labels[:, done : done + step].flatten(), reduction="none")
-        acc += nll.view(1, -1).double().sum(dim=1)
-        cost.add_head(pm, nll.numel())
-        done += nll.numel()
-        if bound is not None and done < n and s.nll_sum + acc.item() > bound:
-            break  # the rest of the window can only add to it
-    s.nll_sum += acc.item()
+    (nll,), done = head_nll(pm, hidden, ids, cost, bound=bound, before=s.nll_sum)
+    n = ids.shape[1] - 1
+    s.nll_sum += nll
     s.tokens += done
     if done == n:
         s.windows_done += 1
@@ -297,40 +331,31 @@ def _add_window_nll(pm: PrunableModel, hidden: torch.Tensor, ids: torch.Tensor, 
 @torch.no_grad()
 def _score_windows(pm: PrunableModel, windows: Iterable[torch.Tensor], scores: Sequence[Score], bound: float | None,
                    cost: Cost, on_progress: Callable[[int], None] | None = None) -> None:
-    """Accumulate each window's NLL into every live (`done`) score, walking the blocks once per window."""
-    device = _device(pm)
+    """Accumulate each window's NLL into every live (`done`) score, walking the blocks once per
+    window: at candidate b the running state is the state before b (removing b changes
+    nothing before it), so only the blocks after b run from there (prefix reuse)."""
     removed = set(pm.removed)
-    remaining = [n for n in pm.names if n not in removed]
-    position = {n: p for p, n in enumerate(remaining)}
     for s in scores:
-        if s.block not in position:
+        if s.block not in pm.names or s.block in removed:
             raise ValueError(f"candidate {s.block} is not a remaining block of the model")
     windows = list(windows)
-    for i, ids in enumerate(windows):
+    for i, ids in enumerate(window_batches(pm, windows)):
         alive = {s.block: s for s in scores if s.status == "done"}
         if not alive:
             break
-        ids = ids.to(device).unsqueeze(0)
         ctx = capture_window(pm, ids)
         cost.windows += 1
-        tokens = ids.shape[1]
-        last = max(position[b] for b in alive)
-        h = ctx.hidden
-        for p, name in enumerate(remaining):
-            if p > last:
+        last = max(block_index(b) for b in alive)
+        for name, h in walk(pm, ctx, ctx.hidden, cost, skip=removed):
+            if name is None or block_index(name) > last:
                 break
             s = alive.get(name)
-            if s is not None:  # h is the state before `name`: run the blocks after it
-                x = h
-                for after in remaining[p + 1 :]:
-                    x = pm.run_block(after, x, _kwargs_for(ctx, after))
-                    cost.add_block(pm, after, tokens)
+            if s is not None:
+                x = run_blocks(pm, ctx, h, cost, start=block_index(name) + 1, skip=removed)
                 _add_window_nll(pm, x, ids, s, bound, cost, last_window=i == len(windows) - 1)
                 del x
                 if on_progress:
                     on_progress(1)
-            h = pm.run_block(name, h, _kwargs_for(ctx, name))
-            cost.add_block(pm, name, tokens)
         del h, ctx
 
 
@@ -452,20 +477,16 @@ def score_exact(
 def current_nll(pm: PrunableModel, windows: Sequence[torch.Tensor], cost: Cost | None = None) -> Score:
     """NLL of the model as it stands, through the same block runner as the candidates."""
     cost = cost if cost is not None else Cost()
-    device = _device(pm)
+    removed = set(pm.removed)
     score = Score("current")
-    for ids in windows:
-        ids = ids.to(device).unsqueeze(0)
+    for ids in window_batches(pm, windows):
         ctx = capture_window(pm, ids)
-        h = ctx.hidden
-        for name in pm.remaining():
-            h = pm.run_block(name, h, _kwargs_for(ctx, name))
-            cost.add_block(pm, name, ids.shape[1])
+        h = run_blocks(pm, ctx, ctx.hidden, cost, skip=removed)
         cost.windows += 1
-        score.nll_sum += window_nll(pm, h, ids)[0]
-        score.tokens += ids.shape[1] - 1
+        (nll,), done = head_nll(pm, h, ids, cost)
+        score.nll_sum += nll
+        score.tokens += done
         score.windows_done += 1
-        cost.add_head(pm, ids.shape[1] - 1)
     if not math.isfinite(score.nll_sum):
         score.status = "nonfinite"
     return score
@@ -475,29 +496,25 @@ def current_nll(pm: PrunableModel, windows: Sequence[torch.Tensor], cost: Cost |
 def layer_influence(pm: PrunableModel, windows: Sequence[torch.Tensor], cost: Cost | None = None) -> dict[int, float]:
     """Block Influence of every layer of the model as it stands: 1 - cos(layer input, layer
     output) per token (float64), averaged over every token of every window (ShortGPT's BI,
-    as in `metrics.residual_metrics`). A layer whose blocks are all removed has BI 0."""
+    as in `importance.residual_metrics`). A layer whose blocks are all removed has BI 0."""
     cost = cost if cost is not None else Cost()
-    device = _device(pm)
     removed = set(pm.removed)
     sums = [0.0] * pm.num_layers
     tokens = 0
-    for ids in windows:
-        ids = ids.to(device).unsqueeze(0)
+    for ids in window_batches(pm, windows):
         ctx = capture_window(pm, ids)
         cost.windows += 1
-        h = ctx.hidden
-        for i in range(pm.num_layers):
-            x = h
-            for kind in ("attn", "mlp"):
-                name = f"{kind}.{i}"
-                if name not in removed:
-                    h = pm.run_block(name, h, _kwargs_for(ctx, name))
-                    cost.add_block(pm, name, ids.shape[1])
-            if h is not x:
+        x, layer = None, -1  # the input of the layer being walked, and its index
+        for name, h in walk(pm, ctx, ctx.hidden, cost, skip=removed):
+            if name is not None and not name.startswith("attn."):
+                continue
+            if layer >= 0 and h is not x:  # h: the output of that layer
                 cos = F.cosine_similarity(x.double(), h.double(), dim=-1, eps=1e-12)
-                sums[i] += (1.0 - cos).sum().item()
+                sums[layer] += (1.0 - cos).sum().item()
+            if name is not None:
+                x, layer = h, block_index(name) // 2
         tokens += ids.shape[1]
-        del ctx, h
+        del ctx, h, x
     return {i: sums[i] / tokens for i in range(pm.num_layers)}
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 FORMAT = "blockpruner.speed/1"
 
@@ -42,8 +42,9 @@ FORMAT = "blockpruner.speed/1"
 # -- loading ----------------------------------------------------------------------------------------
 def load_any(model_dir: str | Path, device: str):
     """A prepared dense model or a materialised pruned one, in eval mode on `device`."""
-    from .export import FORMAT as PRUNED_FORMAT, load_pruned
-    from .sources import load_prepared
+    from ..data.sources import load_prepared
+    from ..export.materialize import FORMAT as PRUNED_FORMAT
+    from ..export.materialize import load_pruned
 
     path = Path(model_dir)
     if not (path / "config.json").exists():
@@ -205,7 +206,7 @@ def measure(model_dir: str | Path, baseline_dir: str | Path | None = None, promp
     `threads` sets torch's CPU thread count for the run (restored after); on a shared machine
     fewer threads than cores avoids the OpenMP spinning that makes timings meaningless.
     """
-    from .sources import resolve_device
+    from ..data.sources import resolve_device
 
     for name, value, low in (("prompt_tokens", prompt_tokens, 1), ("new_tokens", new_tokens, 1),
                              ("repeats", repeats, 1), ("warmup", warmup, 0), ("threads", threads or 1, 1)):
@@ -258,6 +259,6 @@ def _measure(model_dir, baseline_dir, prompt_tokens: int, new_tokens: int, repea
 
 
 def write_speed(path: str | Path, result: dict) -> dict:
-    from .artifacts import write_json
+    from ..artifacts import write_json
 
     return write_json(path, result, FORMAT)

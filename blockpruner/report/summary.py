@@ -23,8 +23,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifacts import atomic_write, atomic_write_text, read_json
-from .errors import UserError
+from ..artifacts import atomic_write, atomic_write_text, read_json
+from ..errors import UserError
 
 EVAL_KINDS = ("ppl", "tasks", "speed")
 TASK_TITLES = {"piqa": "PIQA", "winogrande": "WinoGrande", "hellaswag": "HellaSwag", "arc_easy": "ARC-e",
@@ -62,7 +62,7 @@ def sequence_rows(steps: list[dict]) -> list[dict]:
 
 
 def read_steps(paths: list[str | Path]) -> list[dict]:
-    from .search import read_step
+    from ..search.greedy import read_step
 
     return read_chain([read_step(p) for p in paths])
 
@@ -127,7 +127,7 @@ def resolve_k(pruning: str, steps: list[dict], ratio_of: str) -> int | None:
         return int(pruning[1:])
     if not steps:
         return None
-    from .search import steps_to_ratio
+    from ..search.greedy import steps_to_ratio
 
     return steps_to_ratio(steps, float(pruning[1:]), "ratio_no_embed" if ratio_of == "no_embed" else "ratio")
 

@@ -5,14 +5,14 @@ change in machine load hits all of them alike):
 
   plain     the reference, written out here: for every candidate, remove it, run the full
             forward (the model's own decoder forward + LM head) over every window, restore.
-  prefix    (optional) our evaluator with prefix reuse only, no early stopping.
+  prefix    (optional) the scoring engine with prefix reuse only, no early stopping.
   exact     `search_step` as `blockpruner step` runs it: prefix reuse + exact early stopping
             seeded by the previous step's ranking. Must give plain greedy's sequence.
   screened  `search_step` in screened mode (--screen-windows S --confirm-top M
             [--candidates-by-bi R]); approximate, its agreement with `exact` is reported.
 
 Printed per method: removal sequence and whether it equals plain greedy's, block forwards,
-LM-head tokens, FLOPs (`evaluator.FlopModel`), the FLOP-model predicted speed-up over plain
+LM-head tokens, FLOPs (`scoring.FlopModel`), the FLOP-model predicted speed-up over plain
 greedy, the measured wall-time (and CPU-time) speed-up, their ratio, and peak memory (RSS
 sampled during each method's steps on CPU; torch.cuda.max_memory_allocated on GPU).
 
@@ -34,14 +34,13 @@ import time
 
 import torch
 
-from .adapters import get_path
-from .artifacts import atomic_write_text
-from .blocks import PrunableModel
-from .errors import UserError
-from .evaluator import Cost
-from .perplexity import head_nll
-from .search import StepSettings, candidate_blocks, search_step
-from .speed import RssSampler
+from ..adapters import get_path
+from ..artifacts import atomic_write_text
+from ..blocks import PrunableModel
+from ..errors import UserError
+from ..eval.speed import RssSampler
+from ..search.greedy import StepSettings, candidate_blocks, search_step
+from ..search.scoring import Cost, head_nll
 
 METHODS = ("plain", "prefix", "exact", "screened")
 
@@ -66,7 +65,7 @@ def plain_greedy_step(pm: PrunableModel, windows, removed: list[str], cost: Cost
         for w in windows:
             ids = w.to(device).unsqueeze(0)
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # final-normed
-            nll += head_nll(pm, hidden, ids)[0]
+            nll += head_nll(pm, hidden, ids, normed=True)[0][0]
             for b in kept:
                 cost.add_block(pm, b, ids.shape[1])
             cost.add_head(pm, ids.shape[1] - 1)
@@ -271,8 +270,8 @@ def run_cli(a: argparse.Namespace) -> dict:
         windows = tiny_windows(a.windows, a.seqlen, a.vocab, seed=a.seed)
         what = f"tiny random Llama: {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}"
     else:
-        from .calibration import load_calibration
-        from .sources import load_prepared
+        from ..data.calibration import load_calibration
+        from ..data.sources import load_prepared
 
         windows = load_calibration(a.calib).windows
         model, _, _ = load_prepared(a.model, a.dtype, a.device, None, tokenizer=False)

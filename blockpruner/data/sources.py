@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_for, text_config
-from .artifacts import read_json, sha256_file, sha256_text, write_json
-from .errors import UserError
+from ..adapters import adapter_for, text_config
+from ..artifacts import read_json, sha256_file, sha256_text, write_json
+from ..errors import UserError
 
 FORMAT = "blockpruner.model/1"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

@@ -11,7 +11,7 @@ Modes:
 - `concat` (the reference code's): join the sampled texts with a blank line, tokenize once,
   cut into `seqlen` windows, drop the remainder.
 - `per-sample`: one sequence per sample, truncated to `seqlen`; sequences are stored padded
-  with their lengths, and the evaluator runs each at its own length, so padding never
+  with their lengths, and the scoring engine runs each at its own length, so padding never
   enters a forward pass or the loss.
 
 The artifact is `tokens.safetensors` (input_ids [N, T], lengths [N]) plus `manifest.json`.
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import atomic_write, read_json, sha256_file, sha256_text, write_json
-from .errors import UserError
+from ..artifacts import atomic_write, read_json, sha256_file, sha256_text, write_json
+from ..errors import UserError
 
 FORMAT = "blockpruner.calibration/1"
 MODES = ("concat", "per-sample")

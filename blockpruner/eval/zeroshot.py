@@ -1,17 +1,11 @@
-"""Evaluating a (pruned) model: WikiText-2 perplexity and lm-eval zero-shot tasks.
+"""Zero-shot accuracy through lm-evaluation-harness.
 
-WikiText-2 perplexity follows the standard recipe the BlockPruner paper (and GPTQ, SliceGPT,
-ShortGPT ...) reports: join the test split's rows with "\\n\\n", tokenize once, cut the stream
-into non-overlapping `seqlen` windows, drop the remainder, and take exp(total NLL / predicted
-tokens). Only the Hub rows joined exactly so give the published figures; the local file
-`test.rows.jsonl` holds those rows byte for byte.
-
-Zero-shot tasks run through lm-evaluation-harness on the already loaded model. Offline, the
-`*_local` task YAMLs in `blockpruner/tasks/` mirror the built-in tasks' prompts, targets and
-metrics over local files; the data folder reaches their loaders as TaskManager metadata, so
-the YAMLs stay machine-independent. Tasks (and their data) are loaded before the model, so a
-wrong name or a missing file costs a second, not a model load. Each task is reported under its
-standard name with acc_norm where the task has it, else acc -- the paper's choice.
+The tasks run on the already loaded model. Offline, the `*_local` task YAMLs in
+`blockpruner/eval/tasks/` mirror the built-in tasks' prompts, targets and metrics over local
+files; the data folder reaches their loaders as TaskManager metadata, so the YAMLs stay
+machine-independent. Tasks (and their data) are loaded before the model, so a wrong name or a
+missing file costs a second, not a model load. Each task is reported under its standard name
+with acc_norm where the task has it, else acc -- the paper's choice.
 """
 
 from __future__ import annotations
@@ -20,118 +14,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import sha256_file, write_json
-from .errors import UserError
+from ..artifacts import write_json
+from ..errors import UserError
 
-FORMAT_PPL = "blockpruner.eval_ppl/1"
 FORMAT_TASKS = "blockpruner.eval_tasks/1"
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-
-
-# ---------------------------------------------------------------- WikiText-2 perplexity
-
-
-def load_wikitext_rows(data: str, hub_config: str | None = "wikitext-2-raw-v1", split: str = "test") -> tuple[list[str], dict]:
-    """The split's rows and where they came from.
-
-    `data` is a local file -- .jsonl/.json/.parquet records with a `text` field (one Hub row
-    each, empty rows included), or .txt/.raw with one row a line (line ends dropped, so not
-    byte-identical to the Hub rows) -- or a hub data set id loaded with `datasets`.
-    """
-    from .calibration import is_local, read_local
-
-    if is_local(data):
-        path = Path(data).expanduser()
-        if not path.is_file():
-            raise UserError(f"WikiText file not found: {data}; check eval.wikitext.path / --data")
-        records = read_local(path)
-        rows = []
-        for r in records:
-            if isinstance(r, str):
-                rows.append(r)
-            elif isinstance(r, dict) and isinstance(r.get("text"), str):
-                rows.append(r["text"])
-            else:
-                raise UserError(f"{path}: records need a 'text' field (one WikiText row each); found {type(r).__name__}"
-                                f"{' with fields ' + str(sorted(r)) if isinstance(r, dict) else ''}")
-        return rows, {"data": str(path), "data_sha256": sha256_file(path)}
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(data, hub_config, split=split)
-    except Exception as e:  # network, unknown id, missing config
-        raise UserError(
-            f"cannot load hub data set {data!r} ({e.__class__.__name__}); offline, point the WikiText source at a "
-            "local copy, e.g. test.rows.jsonl (config key eval.wikitext.path, CLI --data PATH)"
-        ) from None
-    if "text" not in ds.column_names:
-        raise UserError(f"hub data set {data!r} has no 'text' column (columns: {ds.column_names}); give a WikiText copy")
-    return list(ds["text"]), {"data": data, "hub_config": hub_config, "split": split, "data_sha256": ds._fingerprint}
-
-
-def wikitext_windows(tokenizer, rows: list[str], seqlen: int, max_windows: int | None = None) -> tuple[list, int]:
-    """Non-overlapping `seqlen` windows of the "\\n\\n"-joined rows -> (windows, stream length).
-
-    The whole stream is tokenized once with the tokenizer's defaults (a BOS only at its start,
-    as the reference code does); the remainder after the last full window is dropped.
-    """
-    ids = tokenizer("\n\n".join(rows), return_tensors="pt").input_ids[0]
-    n = len(ids) // seqlen
-    if n == 0:
-        raise UserError(f"the WikiText text gives {len(ids)} tokens, fewer than one window of seqlen={seqlen}; lower seqlen")
-    if max_windows is not None:
-        n = min(n, max_windows)
-    return list(ids[: n * seqlen].view(n, seqlen)), len(ids)
-
-
-def _check_ppl_args(seqlen: int, max_windows: int | None, batch_size: int) -> None:
-    if seqlen < 2:
-        raise UserError(f"seqlen must be at least 2 tokens, got {seqlen}")
-    if max_windows is not None and max_windows < 1:
-        raise UserError(f"max_windows must be a positive integer (or unset for all windows), got {max_windows}")
-    if batch_size < 1:
-        raise UserError(f"batch_size must be a positive integer, got {batch_size}")
-
-
-def wikitext_perplexity(model_dir: str | Path, data: str, seqlen: int = 2048, max_windows: int | None = None,
-                        hub_config: str | None = "wikitext-2-raw-v1", split: str = "test", device: str = "auto",
-                        dtype: str | None = None, batch_size: int = 1, progress: bool = True) -> dict:
-    """WikiText-2 perplexity of a prepared (or pruned) model directory.
-
-    Returns the eval_ppl record: `tokens` = windows x seqlen tokens scored, `predicted_tokens`
-    = windows x (seqlen - 1) (each window predicts all but its first token), `stream_tokens` =
-    length of the whole tokenized test stream, and ppl = exp(nll_sum / predicted_tokens).
-    """
-    from transformers import AutoTokenizer
-
-    from .blocks import PrunableModel
-    from .perplexity import perplexity
-    from .sources import load_prepared, read_manifest
-
-    _check_ppl_args(seqlen, max_windows, batch_size)
-    manifest = read_manifest(model_dir)
-    rows, info = load_wikitext_rows(data, hub_config, split)
-    windows, stream = wikitext_windows(AutoTokenizer.from_pretrained(model_dir), rows, seqlen, max_windows)
-    model, _, _ = load_prepared(model_dir, dtype, device)
-    result = perplexity(PrunableModel.wrap(model), windows, batch_size=batch_size, progress=progress)
-    return {
-        "model": str(model_dir),
-        "model_hash": manifest["content_hash"],
-        **info,
-        "seqlen": seqlen,
-        "max_windows": max_windows,
-        "windows": result["windows"],
-        "tokens": result["windows"] * seqlen,
-        "predicted_tokens": result["tokens"],
-        "stream_tokens": stream,
-        "dtype": dtype or manifest["dtype"],
-        "nll_sum": result["nll_sum"],
-        "ppl": result["ppl"],
-    }
-
-
-def write_ppl(path: str | Path, record: dict) -> dict:
-    return write_json(path, record, FORMAT_PPL)
 
 
 # ---------------------------------------------------------------- lm-eval tasks
@@ -139,7 +26,7 @@ def write_ppl(path: str | Path, record: dict) -> dict:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    local: str  # task name of our offline YAML in blockpruner/tasks
+    local: str  # task name of our offline YAML in blockpruner/eval/tasks
     hub: str  # built-in lm-eval task name (reads the Hub)
     hub_dir: str  # folder of the built-in YAML under lm_eval/tasks
     metric: str  # the figure the BlockPruner paper reports
@@ -252,7 +139,7 @@ def run_tasks(model_dir: str | Path, tasks: str | list[str], local_data: str | P
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from .sources import load_prepared, read_manifest, resolve_device
+    from ..data.sources import load_prepared, read_manifest, resolve_device
 
     names = parse_task_names(tasks)
     _check_task_args(num_fewshot, batch_size, limit)

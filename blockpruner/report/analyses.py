@@ -32,8 +32,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .artifacts import atomic_write, read_json
-from .errors import UserError
+from ..artifacts import atomic_write, read_json
+from ..errors import UserError
 from .summary import read_chain
 
 log = logging.getLogger("blockpruner.analyses")
@@ -48,7 +48,7 @@ Key = tuple[str, str, str]  # model, calib, method
 def match_budgets(steps_by_method: dict[str, list[dict]], ratio: float, key: str = "ratio") -> dict[str, int]:
     """For each method, the K whose pruning ratio is nearest `ratio` (ties: smaller K) --
     how the paper compares methods at equal parameter budgets."""
-    from .search import nearest_k
+    from ..search.greedy import nearest_k
 
     if not 0 < ratio < 1:
         raise UserError(f"target ratio must be between 0 and 1, got {ratio}")
@@ -111,7 +111,7 @@ class Study:
         for p in expand(paths):
             what, label = classify(p)
             if what == "step":
-                from .search import read_step
+                from ..search.greedy import read_step
 
                 steps[label[:3]].append(read_step(p))
                 self.paths[label[:3]].append(p)
@@ -139,7 +139,7 @@ class Study:
             self.by_k.setdefault((model, calib, method, k), {}).update(ev)
 
     def _resolve(self, pruning: str, chain: list[dict]) -> int:
-        from .search import steps_to_ratio
+        from ..search.greedy import steps_to_ratio
 
         if pruning.startswith("k") and pruning[1:].isdigit():
             return int(pruning[1:])
@@ -439,7 +439,7 @@ def budget_table(paths, ratio: float, csv_out: str | Path | None = None, ratio_o
 
 def bi_rows(pm, windows) -> list[dict]:
     """Per layer: BI and RM of the whole layer and of its attention and MLP blocks (model as it stands)."""
-    from .metrics import residual_metrics
+    from ..search.importance import residual_metrics
 
     m = residual_metrics(pm, windows)
     rows = []
