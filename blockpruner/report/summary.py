@@ -17,13 +17,12 @@ K (a ratio target r<x> resolves to the smallest K whose ratio reaches x, exactly
 
 from __future__ import annotations
 
-import csv
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..artifacts import atomic_write, atomic_write_text, read_json
+from ..artifacts import atomic_write, atomic_write_text, read_json, write_csv
 from ..errors import UserError
 
 EVAL_KINDS = ("ppl", "tasks", "speed")
@@ -107,15 +106,20 @@ class Row:
 
 
 def classify(path: Path) -> tuple[str, tuple]:
-    """('step', (model, calib, method, k)) or ('eval', (kind, model, calib, method, pruning))."""
+    """Where an artifact sits in the workflow's layout: ('step', (model, calib, method, k)) or
+    ('eval', (kind, model, calib, method, pruning)); the dense model's evaluations are
+    (kind, model, "", "dense", "dense")."""
     name = path.name
-    if name.startswith("step_") and name.endswith(".json"):
+    if name.startswith("step_") and name.endswith(".json") and name[5:-5].isdigit():
+        if len(path.parts) < 4:
+            raise UserError(f"{path}: a step file must lie in <model>/<calib>/<method>/")
         return "step", (path.parts[-4], path.parts[-3], path.parts[-2], int(name[5:-5]))
-    kind = path.stem
-    if kind in EVAL_KINDS:
+    if path.stem in EVAL_KINDS and path.suffix == ".json":
         if path.parent.name == "dense":
-            return "eval", (kind, path.parts[-3], "", "dense", "dense")
-        return "eval", (kind, path.parts[-5], path.parts[-4], path.parts[-3], path.parent.name)
+            return "eval", (path.stem, path.parts[-3], "", "dense", "dense")
+        if len(path.parts) < 5:
+            raise UserError(f"{path}: an evaluation must lie in <model>/<calib>/<method>/<pruning>/")
+        return "eval", (path.stem, path.parts[-5], path.parts[-4], path.parts[-3], path.parent.name)
     raise UserError(f"{path}: not a step_<k>.json or {{{','.join(EVAL_KINDS)}}}.json of the workflow's layout")
 
 
@@ -175,17 +179,6 @@ def collect(paths: list[str | Path], ratio_of: str = "all") -> tuple[list[dict],
     out.sort(key=lambda r: (r["model"], r["pruning"] != "dense", r["calib"], r["method"],
                             r["k"] if r["k"] is not None else math.inf, r["pruning"]))
     return out, tasks, chains
-
-
-def write_csv(path: str | Path, rows: list[dict]) -> None:
-    def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["empty"])
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-
-    atomic_write(path, write)
 
 
 def _fmt(v, spec: str, scale: float = 1.0) -> str:

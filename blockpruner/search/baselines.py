@@ -46,10 +46,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .. import __version__
-from ..blocks import PrunableModel, parse_block
+from ..blocks import PrunableModel
 from ..errors import UserError
-from .greedy import StepSettings, check_budget
+from .greedy import StepSettings, check_budget, step_record
 
 log = logging.getLogger("blockpruner.baselines")
 
@@ -193,32 +192,14 @@ def baseline_step(pm: PrunableModel, windows, k: int, removed: list[str], settin
         pm.set_removed(now)
         score = current_nll(pm, windows, cost)
         nll_sum, tokens = score.nll_sum, score.tokens
-    from .scoring import perplexity_of
-
-    ppl = perplexity_of(nll_sum, tokens)
     params = pm.param_summary(now)
-    record = {
-        "k": k,
-        "removed_block": unit,
-        "removed_blocks": new,
-        "ppl": ppl,
-        "nll_sum": nll_sum,
-        "tokens": tokens,
-        "removed": now,
-        "attn_removed": sum(parse_block(b)[0] == "attn" for b in now),
-        "mlp_removed": sum(parse_block(b)[0] == "mlp" for b in now),
-        "params": params,
-        "metric": {"name": m.metric, "level": m.level, "oneshot": m.oneshot, "value": chosen["value"]},
-        "scores": ranking,
-        "settings": settings.as_dict(),
-        "inputs": inputs,
-        "cost": cost.as_dict(),
-        "software": {"blockpruner": __version__},
-        "timing": {"elapsed_s": time.perf_counter() - t0, "select_s": select_s, "pruning_s": pruning_s},
-    }
+    metric = {"name": m.metric, "level": m.level, "oneshot": m.oneshot, "value": chosen["value"]}
+    timing = {"elapsed_s": time.perf_counter() - t0, "select_s": select_s, "pruning_s": pruning_s}
+    record = step_record(k, removed, unit, new, nll_sum, tokens, params, ranking, settings, inputs, cost, timing,
+                         removed_blocks=True, metric=metric)
     pm.set_removed(removed)
     log.info("%s step %d: removed %s (%s %.6g) -> calibration ppl %.4f (ratio %.2f%%)", m.name, k, unit, m.metric,
-             chosen["value"], ppl, 100 * params["ratio"])
+             chosen["value"], record["ppl"], 100 * params["ratio"])
     return record
 
 

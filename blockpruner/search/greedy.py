@@ -45,7 +45,7 @@ from .. import __version__
 from ..artifacts import read_json, write_json
 from ..blocks import PrunableModel, block_names, parse_block, tie_order
 from ..errors import UserError
-from .scoring import Cost, Score, layer_influence, rank, score_candidates, score_exact
+from .scoring import Cost, Score, layer_influence, perplexity_of, rank, score_candidates, score_exact
 
 FORMAT = "blockpruner.step/1"
 SHARD_FORMAT = "blockpruner.step-shard/1"
@@ -244,7 +244,7 @@ def search_step(pm: PrunableModel, windows, k: int, removed: list[str], settings
         return record
     ranked = rank(scores)
     best = _check_best(k, ranked)
-    record = _step_record(k, removed, ranked, pm.param_summary(list(removed) + [best.block]), settings, inputs, info,
+    record = _search_record(k, removed, ranked, pm.param_summary(list(removed) + [best.block]), settings, inputs, info,
                           cost, {"elapsed_s": elapsed})
     pm.set_removed(removed)
     return record
@@ -260,31 +260,45 @@ def _check_best(k: int, ranked: list[Score]) -> Score:
     return best
 
 
-def _step_record(k: int, removed: list[str], ranked: list[Score], params: dict, settings: StepSettings, inputs: dict,
-                 info: dict, cost: Cost, timing: dict) -> dict:
+def step_record(k: int, removed_before: list[str], unit: str, blocks: list[str], nll_sum: float, tokens: int, params: dict,
+                scores: list[dict], settings: StepSettings, inputs: dict, cost: Cost, timing: dict, *,
+                removed_blocks: bool = False, metric: dict | None = None, search: dict | None = None) -> dict:
+    """The step artifact every method writes (the search, its shards' gather, the baselines).
+
+    unit: what the step removed (a block, or `layer.i`); blocks: its blocks, listed as
+    `removed_blocks` when asked (the baselines, whose units may be layers); metric: the
+    baselines' importance value of the unit; search: how the search bounded its scoring.
+    """
+    removed = list(removed_before) + list(blocks)
+    record = {"k": k, "removed_block": unit}
+    if removed_blocks:
+        record["removed_blocks"] = list(blocks)
+    record |= {
+        "ppl": perplexity_of(nll_sum, tokens),
+        "nll_sum": nll_sum,
+        "tokens": tokens,
+        "removed": removed,
+        "attn_removed": sum(parse_block(b)[0] == "attn" for b in removed),
+        "mlp_removed": sum(parse_block(b)[0] == "mlp" for b in removed),
+        "params": params,
+    }
+    if metric is not None:
+        record["metric"] = metric
+    record |= {"scores": scores, "settings": settings.as_dict(), "inputs": inputs}
+    if search is not None:
+        record["search"] = search
+    record |= {"cost": cost.as_dict(), "software": {"blockpruner": __version__}, "timing": timing}
+    return record
+
+
+def _search_record(k: int, removed: list[str], ranked: list[Score], params: dict, settings: StepSettings, inputs: dict,
+                   info: dict, cost: Cost, timing: dict) -> dict:
     best = ranked[0]
-    chosen = list(removed) + [best.block]
     stopped = sum(s.status == "stopped" for s in ranked)
     log.info("step %d: removed %s -> ppl %.4f (ratio %.2f%%); %d of %d candidates stopped early", k, best.block, best.ppl,
              100 * params["ratio"], stopped, len(ranked))
-    return {
-        "k": k,
-        "removed_block": best.block,
-        "ppl": best.ppl,
-        "nll_sum": best.nll_sum,
-        "tokens": best.tokens,
-        "removed": chosen,
-        "attn_removed": sum(parse_block(b)[0] == "attn" for b in chosen),
-        "mlp_removed": sum(parse_block(b)[0] == "mlp" for b in chosen),
-        "params": params,
-        "scores": [s.as_dict() for s in ranked],
-        "settings": settings.as_dict(),
-        "inputs": inputs,
-        "search": info,
-        "cost": cost.as_dict(),
-        "software": {"blockpruner": __version__},
-        "timing": timing,
-    }
+    return step_record(k, removed, best.block, [best.block], best.nll_sum, best.tokens, params, [s.as_dict() for s in ranked],
+                       settings, inputs, cost, timing, search=info)
 
 
 def write_shard(path: str | Path, record: dict) -> dict:
@@ -335,7 +349,7 @@ def gather_shards(shards: list[dict], names: list[str] | None = None) -> dict:
         cost += Cost.from_dict(s["cost"])
     elapsed = [s["timing"]["elapsed_s"] for s in sorted(shards, key=lambda s: s["shard"]["index"])]
     settings = StepSettings(**first["settings"])
-    record = _step_record(k, first["removed_before"], ranked, params[best.block], settings, first["inputs"],
+    record = _search_record(k, first["removed_before"], ranked, params[best.block], settings, first["inputs"],
                           first["search"], cost, {"elapsed_s": max(elapsed), "shards_elapsed_s": elapsed})
     record["shards"] = [{"index": s["shard"]["index"], "count": count, "candidates": s["owned"], "cost": s["cost"],
                          "timing": s["timing"]} for s in sorted(shards, key=lambda s: s["shard"]["index"])]
