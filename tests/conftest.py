@@ -1,9 +1,13 @@
 """Shared fixtures: tiny random models from each architecture's real transformers config
-class (no downloads), and paths to the real Gemma 3 270M and ../shared/data."""
+class (no downloads; Baichuan 2 from remote code kept in tests/remote_code), and paths to the
+real Gemma 3 270M and ../shared/data."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,10 +42,28 @@ def tiny_config(arch: str, **over):
         return tf.Gemma3TextConfig(**kw, head_dim=8, sliding_window=6, layer_types=["sliding_attention", "full_attention", "sliding_attention"][: kw["num_hidden_layers"]] + ["full_attention"] * max(0, kw["num_hidden_layers"] - 3))
     if arch == "phi3":
         return tf.Phi3Config(**kw)
+    if arch == "gemma3":  # multimodal: the decoder sits under text_config, beside a vision tower
+        n = kw["num_hidden_layers"]
+        text = kw | {"head_dim": 8, "sliding_window": 6, "layer_types": (["sliding_attention", "full_attention"] * n)[:n]}
+        vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "image_size": 28, "patch_size": 14}
+        return tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=95,
+                               boi_token_index=93, eoi_token_index=94)
     raise KeyError(arch)
 
 
+# architectures built into transformers that every layer-level test runs on
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
+# plus the multimodal Gemma 3 and remote-code Baichuan 2, which the block tests also cover
+BLOCK_ARCHS = ARCHS + ["gemma3", "baichuan"]
+REMOTE_CODE = Path(__file__).resolve().parent / "remote_code"
+
+
+def _randomize_norms(model) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.5)
 
 
 def tiny_model(arch: str, seed: int = 0, **over):
@@ -49,12 +71,33 @@ def tiny_model(arch: str, seed: int = 0, **over):
     that a wrongly skipped or applied norm changes the output."""
     from transformers import AutoModelForCausalLM
 
+    if arch == "baichuan":
+        return tiny_baichuan(seed, **over)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **over), dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.5)
+    _randomize_norms(model)
+    return model.eval()
+
+
+def tiny_baichuan(seed: int = 0, **over):
+    """A tiny Baichuan 2 loaded as from the Hub: a directory holding config.json (auto_map),
+    configuration_baichuan.py and modeling_baichuan.py, read with trust_remote_code=True."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {k: v for k, v in (_COMMON | over).items() if k != "num_key_value_heads"}  # Baichuan 2 has no GQA
+    config = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", **kw,
+              "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                           "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"}}
+    with tempfile.TemporaryDirectory() as tmp:
+        src, saved = Path(tmp) / "tiny_baichuan", Path(tmp) / "tiny_baichuan_weights"
+        shutil.copytree(REMOTE_CODE / "baichuan", src)
+        (src / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src, trust_remote_code=True),
+                                                 trust_remote_code=True, dtype=torch.float32)
+        _randomize_norms(model)
+        model.save_pretrained(saved)  # writes the remote code beside the weights, as on the Hub
+        model = AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True, dtype=torch.float32)
     return model.eval()
 
 

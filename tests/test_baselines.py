@@ -22,11 +22,13 @@ from blockpruner.search.greedy import StepSettings, read_step, write_step
 from blockpruner.search.importance import js_scores, js_to_dense, residual_metrics
 
 from .conftest import tiny_model
+from .test_export import tensor_names
 from .test_search import hf_nll, windows
 
 MID_NORM = {"llama": "post_attention_layernorm", "gemma3_text": "pre_feedforward_layernorm",
             "gemma2": "pre_feedforward_layernorm"}
 BASELINES = [m for m in METHODS if m != "blockpruner"]
+LAYER_METHODS = {"layer", "shortgpt", "relative-magnitude"}  # remove whole layers (attention + MLP) per step
 
 
 # ---------------------------------------------------------------- references
@@ -341,12 +343,21 @@ def test_cli_every_method_chains_and_materialises(study3, capsys, monkeypatch):
         assert s1["settings"]["method"] == s2["settings"]["method"] == method
         assert s2["settings"]["metric"] == METHODS[method].metric
         assert s2["removed"][: len(s1["removed"])] == s1["removed"]
-        assert len(s2["removed"]) == (4 if METHODS[method].level == "layer" else 2)
+        assert len(s2["removed"]) == (4 if method in LAYER_METHODS else 2)
         assert s2["inputs"]["previous_step"] == str(d / "step_1.json")
-        # the step's calibration perplexity is the materialised model's
         out = materialize(t / "model", d / "step_2.json", t / "pruned" / method, method=method)
-        both = sum(f"attn.{i}" in s2["removed"] and f"mlp.{i}" in s2["removed"] for i in range(3))
-        assert out["layers"] == 3 - both and both == (2 if METHODS[method].level == "layer" else both)
+        # which (attention, MLP) blocks each kept layer should still hold, from the removal list alone
+        want = [(f"attn.{i}" not in s2["removed"], f"mlp.{i}" not in s2["removed"]) for i in range(3)]
+        want = [kept for kept in want if any(kept)]
+        # K = 2 is two whole layers for the layer-level methods, two blocks (at most one layer emptied) otherwise
+        same_layer = len({b.split(".")[1] for b in s2["removed"]}) == 1
+        assert len(want) == (1 if method in LAYER_METHODS else 2 if same_layer else 3)
+        names = tensor_names(t / "pruned" / method)
+        got = [(any(n.startswith(f"model.layers.{j}.self_attn.") for n in names),
+                any(n.startswith(f"model.layers.{j}.mlp.") for n in names)) for j in range(4)]
+        assert got == want + [(False, False)] * (4 - len(want))
+        assert out["layers"] == len(want)
+        # the step's calibration perplexity is the materialised model's
         pruned = load_pruned(t / "pruned" / method)
         assert s2["nll_sum"] == pytest.approx(hf_nll(pruned, wins), rel=1e-5)
     chains = analyses.Study([t / "search"]).chains

@@ -1,11 +1,12 @@
 """Evaluation: WikiText-2 windows and perplexity, the offline lm-eval task YAMLs against the
-raw files under ../shared/data/evals, real lm-eval and perplexity runs on Gemma 3 270M, and
-argument errors raised before any model is loaded."""
+installed lm-eval's built-in tasks on the raw files under ../shared/data/evals, real lm-eval and
+perplexity runs on Gemma 3 270M, and argument errors raised before any model is loaded."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,10 +179,98 @@ def test_ppl_bad_arguments_before_model_load(tiny_dir, rows_file, tmp_path, no_m
 
 
 # ---------------------------------------------------------------- offline lm-eval tasks
+# Each *_local task must score exactly what the installed lm-eval's own task scores. The built-in
+# task cannot download its Hub data offline, so it is given real records from ../shared/data/evals
+# rewritten in that Hub data set's schema (its dataset card), and both tasks' own doc_to_text /
+# doc_to_choice / doc_to_target and request construction are applied to the same records.
+
+# task -> (folder of the built-in YAML under lm_eval/tasks, Hub data set and config it reads)
+BUILTIN = {
+    "piqa": ("piqa", "baber/piqa", None),
+    "winogrande": ("winogrande", "allenai/winogrande", "winogrande_xl"),
+    "hellaswag": ("hellaswag", "Rowan/hellaswag", None),
+    "arc_easy": ("arc", "allenai/ai2_arc", "ARC-Easy"),
+    "arc_challenge": ("arc", "allenai/ai2_arc", "ARC-Challenge"),
+    "openbookqa": ("openbookqa", "allenai/openbookqa", "main"),
+}
 
 
 def _jsonl(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _spread(n: int) -> set[int]:
+    """Record indices spread over a file: the first three, the thirds, the last."""
+    return {0, 1, 2, n // 3, n // 2, 2 * n // 3, n - 1}
+
+
+def _hub_choices(question: dict) -> dict:
+    return {"text": [c["text"] for c in question["choices"]], "label": [c["label"] for c in question["choices"]]}
+
+
+def hub_records(name: str) -> tuple[list[int], list[dict], int]:
+    """(indices of some records of the local file, those records as rows of the Hub data set the
+    built-in task reads, number of records in the file)."""
+    if name == "piqa":
+        raw = _jsonl(EVALS / "piqa" / "valid.jsonl")
+        labels = (EVALS / "piqa" / "valid-labels.lst").read_text().split()
+        rows = [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(y)} for r, y in zip(raw, labels)]
+        idx = _spread(len(raw))
+    elif name == "winogrande":
+        raw = _jsonl(EVALS / "winogrande" / "dev.jsonl")
+        rows = [{k: r[k] for k in ("sentence", "option1", "option2", "answer")} for r in raw]
+        idx = _spread(len(raw))
+    elif name in ("arc_easy", "arc_challenge", "openbookqa"):
+        file = {"arc_easy": "arc/ARC-Easy-Test.jsonl", "arc_challenge": "arc/ARC-Challenge-Test.jsonl",
+                "openbookqa": "openbookqa/test.jsonl"}[name]
+        raw = _jsonl(EVALS / file)
+        key = "question_stem" if name == "openbookqa" else "question"
+        rows = [{"id": r["id"], key: r["question"]["stem"], "choices": _hub_choices(r["question"]),
+                 "answerKey": r["answerKey"]} for r in raw]
+        # plus the first record of every shape: letter or digit labels, 3, 4 or 5 choices
+        shapes = {}
+        for i, r in enumerate(rows):
+            shapes.setdefault((r["choices"]["label"][0], len(r["choices"]["label"])), i)
+        idx = _spread(len(raw)) | set(shapes.values())
+    else:  # hellaswag: 6 lines per item, "activity_label: context", gold, four endings
+        lines = (EVALS / "hellaswag" / "hellaswag_val_full.txt").read_text(encoding="utf-8").rstrip("\n").split("\n")
+        rows = []
+        for j in range(0, len(lines), 6):
+            activity, ctx = lines[j].split(": ", 1)
+            # the file keeps ctx_a and ctx_b joined, so all of it goes in ctx_a (lm-eval capitalises ctx_b)
+            rows.append({"ind": j // 6, "activity_label": activity, "ctx_a": ctx, "ctx_b": "", "ctx": ctx,
+                         "endings": lines[j + 2 : j + 6], "source_id": "", "split": "val", "split_type": "indomain",
+                         "label": lines[j + 1]})
+        # plus records with text lm-eval's preprocess still changes (bracket tags, double spaces)
+        odd = [i for i, r in enumerate(rows) if any("[" in t or "  " in t for t in (r["ctx_a"], *r["endings"]))]
+        idx = _spread(len(rows)) | set(odd[:4])
+    idx = sorted(idx)
+    return idx, [rows[i] for i in idx], len(rows)
+
+
+def builtin_task(name: str, rows: list[dict], monkeypatch):
+    """The installed lm-eval's own task `name`, loaded from its YAML, reading `rows` as its Hub data."""
+    import datasets
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    folder, hub_path, hub_config = BUILTIN[name]
+    requested = []
+
+    def load_dataset(path=None, name=None, **kwargs):
+        requested.append((path, name))
+        return datasets.DatasetDict({s: datasets.Dataset.from_list(rows) for s in ("train", "validation", "test")})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    tm = TaskManager(include_defaults=False, include_path=str(Path(lm_eval.tasks.__file__).parent / folder))
+    task = tm.load([name])["tasks"][name]
+    assert requested == [(hub_path, hub_config)], "the built-in task reads another data set than the rows mimic"
+    return task
+
+
+def scored_requests(task, doc) -> list[tuple]:
+    """The (context, continuation) pairs lm-eval asks the model to score for `doc`, zero-shot."""
+    return [inst.arguments for inst in task.construct_requests(doc, task.fewshot_context(doc, 0), metadata=("t", 0, 1))]
 
 
 @pytest.fixture(scope="module")
@@ -190,67 +279,27 @@ def local_tasks():
     return zeroshot.load_tasks(list(zeroshot.TASKS), EVALS)
 
 
-def _first(task):
-    docs = list(task.eval_docs)
-    return docs, docs[0]
-
-
-def test_piqa_local(local_tasks):
-    raw = _jsonl(EVALS / "piqa" / "valid.jsonl")
-    labels = (EVALS / "piqa" / "valid-labels.lst").read_text().split()
-    t = local_tasks["piqa"]
-    docs, doc = _first(t)
-    assert len(docs) == len(raw) == 1838
-    assert t.doc_to_text(doc) == f"Question: {raw[0]['goal']}\nAnswer:"
-    assert t.doc_to_choice(doc) == [raw[0]["sol1"], raw[0]["sol2"]]
-    assert t.doc_to_target(doc) == int(labels[0])
-    assert [d["label"] for d in docs] == [int(y) for y in labels]
-
-
-def test_winogrande_local(local_tasks):
-    raw = _jsonl(EVALS / "winogrande" / "dev.jsonl")
-    t = local_tasks["winogrande"]
-    docs, doc = _first(t)
-    assert len(docs) == len(raw) == 1267
-    r = raw[0]  # "Sarah was a much better surgeon than Maria so _ always got the easier cases.", answer "2"
-    cut = r["sentence"].index("_")
-    assert t.doc_to_choice(doc) == [r["sentence"][:cut] + r["option1"], r["sentence"][:cut] + r["option2"]]
-    assert t.doc_to_text(doc) == int(r["answer"]) - 1  # partial scoring: the gold option's index
-    assert t.doc_to_target(doc) == r["sentence"][cut + 1 :].strip()
-
-
-@pytest.mark.parametrize("name,file", [("arc_easy", "ARC-Easy-Test.jsonl"), ("arc_challenge", "ARC-Challenge-Test.jsonl"),
-                                       ("openbookqa", "../openbookqa/test.jsonl")])
-def test_arc_and_openbookqa_local(local_tasks, name, file):
-    raw = _jsonl(EVALS / "arc" / file)
-    t = local_tasks[name]
-    docs, doc = _first(t)
-    assert len(docs) == len(raw) == {"arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500}[name]
-    q = raw[0]["question"]
-    prompt = q["stem"] if name == "openbookqa" else f"Question: {q['stem']}\nAnswer:"
-    assert t.doc_to_text(doc) == prompt
-    assert t.doc_to_choice(doc) == [c["text"] for c in q["choices"]]
-    assert t.doc_to_target(doc) == [c["label"] for c in q["choices"]].index(raw[0]["answerKey"])
-    # every gold index is valid, including the numeric-label (1-4) and 3/5-choice items
-    assert all(0 <= t.doc_to_target(d) < len(t.doc_to_choice(d)) for d in docs)
-
-
-def test_hellaswag_local(local_tasks):
-    lines = (EVALS / "hellaswag" / "hellaswag_val_full.txt").read_text(encoding="utf-8").rstrip("\n").split("\n")
-    t = local_tasks["hellaswag"]
-    docs, doc = _first(t)
-    assert len(docs) == len(lines) // 6 == 10042
-    assert t.doc_to_text(doc) == lines[0] == "Roof shingle removal: A man is sitting on a roof. he"
-    assert t.doc_to_choice(doc) == lines[2:6]
-    assert t.doc_to_target(doc) == int(lines[1]) == 3
-    assert t.doc_to_target(docs[-1]) == int(lines[-5]) and t.doc_to_choice(docs[-1]) == lines[-4:]
-
-
-def test_task_metrics_mirror_builtin(local_tasks):
-    for name, task in local_tasks.items():
-        metrics = {m["metric"] for m in task.config.metric_list}
-        assert metrics == ({"acc"} if name == "winogrande" else {"acc", "acc_norm"}), name
-        assert zeroshot.TASKS[name].metric in metrics
+@pytest.mark.parametrize("name", list(BUILTIN))
+def test_local_task_scores_what_the_builtin_task_scores(local_tasks, monkeypatch, name):
+    """Same prompt, choices, gold answer, scored strings, metrics and split as lm-eval's own task."""
+    idx, rows, n = hub_records(name)
+    local = local_tasks[name]
+    builtin = builtin_task(name, rows, monkeypatch)
+    local_docs = list(local.eval_docs)
+    assert len(local_docs) == n == {"piqa": 1838, "winogrande": 1267, "hellaswag": 10042, "arc_easy": 2376,
+                                    "arc_challenge": 1172, "openbookqa": 500}[name]
+    builtin_docs = list(builtin.eval_docs)
+    assert len(builtin_docs) == len(idx)
+    for i, bdoc in zip(idx, builtin_docs):
+        ldoc = local_docs[i]
+        assert local.doc_to_text(ldoc) == builtin.doc_to_text(bdoc), (name, i)
+        assert local.doc_to_choice(ldoc) == builtin.doc_to_choice(bdoc), (name, i)
+        assert local.doc_to_target(ldoc) == builtin.doc_to_target(bdoc), (name, i)
+        assert scored_requests(local, ldoc) == scored_requests(builtin, bdoc), (name, i)
+    assert local.config.metric_list == builtin.config.metric_list
+    assert local.OUTPUT_TYPE == builtin.OUTPUT_TYPE == "multiple_choice"
+    assert local.has_test_docs() == builtin.has_test_docs()  # evaluated on the same split
+    assert zeroshot.TASKS[name].metric in {m["metric"] for m in builtin.config.metric_list}
 
 
 def test_summarize_picks_paper_metric():

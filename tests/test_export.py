@@ -384,6 +384,22 @@ NAS_LAYER_TENSORS = {"attn": {"input_layernorm.weight", "self_attn.q_proj.weight
                              "mlp.down_proj.weight"}}
 
 
+def reader_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
+    """The FFN width a DeciLM reader builds from `ffn_mult`, as vLLM's nemotron_nas.py
+    (`_ffn_mult_to_intermediate_size` + `_find_multiple`) and llama.cpp's convert_hf_to_gguf.py
+    (`DeciModel._ffn_mult_to_intermediate_size`) both write it: round_up(int(2 * ffn_mult * hidden / 3), 256)."""
+    n = int(2 * ffn_mult * hidden_size / 3)
+    return n if n % 256 == 0 else n + 256 - (n % 256)
+
+
+def test_decilm_reader_formula_by_hand():
+    """Hand-computed cases, so the reference formula above is itself checked."""
+    assert reader_intermediate_size(6.0, 64) == 256  # 2 * 6 * 64 / 3 = 256 exactly
+    assert reader_intermediate_size(1.0, 64) == 256  # int(42.67) = 42, rounded up to 256
+    assert reader_intermediate_size(6.0, 96) == 512  # 384, rounded up to 512
+    assert reader_intermediate_size(5.25, 8192) == 28672  # 2 * 5.25 * 8192 / 3 = 28672 = 112 * 256 (Llama 3 70B's FFN)
+
+
 def test_decilm_layout_matches_published_format(tmp_path):
     # FFN width 256 = round_up(int(2 * 6.0 * 64 / 3), 256): representable as a DeciLM ffn_mult
     prep, model = prepared_tiny(tmp_path, "llama", layers=5, hidden_size=64, intermediate_size=256)
@@ -403,7 +419,8 @@ def test_decilm_layout_matches_published_format(tmp_path):
         assert block["attention"]["no_op"] is (not attn) and block["ffn"]["no_op"] is (not mlp)
         assert block["attention"]["n_heads_in_group"] == (4 // 2 if attn else None)
         if mlp:
-            assert decilm.decilm_intermediate_size(block["ffn"]["ffn_mult"], 64) == 256
+            assert block["ffn"]["ffn_mult"] == 6.0  # 256 * 3 / (2 * 64)
+            assert reader_intermediate_size(block["ffn"]["ffn_mult"], written["hidden_size"]) == 256
         else:
             assert block["ffn"]["ffn_mult"] is None
         layer = {n.split(".", 3)[3] for n in names if n.startswith(f"model.layers.{j}.")}

@@ -1,4 +1,5 @@
-"""The inference-speed benchmark: its JSON, and KV-cache accounting (timings printed, not asserted)."""
+"""The inference-speed benchmark: its JSON, KV-cache accounting, and its timing arithmetic
+checked against a clock the test controls."""
 
 from __future__ import annotations
 
@@ -48,7 +49,6 @@ def test_cli_speed_json(tmp_path, pruned_llama):
     for role in ("model", "baseline"):
         assert set(r[role]) >= STATS
         assert r[role]["gen_mean_s"] > 0 and r[role]["prefill_s"] > 0 and r[role]["peak_mem_bytes"] >= 0
-        assert r[role]["tokens_per_s"] == pytest.approx(4 / r[role]["gen_mean_s"])
         assert len(r[role]["gen_s"]) == 2
     assert r["model"]["path"] == str(pruned) and r["baseline"]["path"] == str(prep)
     assert r["model"]["params"] == rec["params"]["remaining"] and r["baseline"]["params"] == rec["params"]["total"]
@@ -57,9 +57,66 @@ def test_cli_speed_json(tmp_path, pruned_llama):
     assert r["kv_cache_reduction"] == pytest.approx(0.25)
     # 2 KV heads x 8 dims x (K and V) x 4 bytes per attention layer and token
     assert r["baseline"]["kv_bytes_per_token"] == 4 * 2 * 2 * 8 * 4
-    assert r["speedup"] == pytest.approx(r["baseline"]["gen_mean_s"] / r["model"]["gen_mean_s"])
     assert r["settings"] | {"prompt_tokens": 8, "new_tokens": 4, "repeats": 2, "warmup": 1} == r["settings"]
     assert r["settings"]["timer"] == "perf_counter" and r["model"]["peak_mem_kind"].startswith("cpu_rss")
+
+
+class FakeClock:
+    """Stands in for `time` inside blockpruner.eval.speed: it advances only when a model's
+    forward runs, by a cost per forward the test chooses."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_timings_and_speedup_follow_a_controlled_clock(pruned_llama, monkeypatch):
+    """On the fake clock a forward of the dense model costs 0.5 s and of the pruned one 0.125 s;
+    the dense model's 5th generate call (its 3rd timed one, after 2 warm-up calls) runs 4x slower.
+    Greedy decoding of 4 tokens is 4 forwards (the prompt, then 3 single tokens) and a prefill 1,
+    so every figure is known before anything runs: dense generations 2, 2 and 8 s (mean 4,
+    median 2), pruned 0.5 s each, and the speed-up of the means 8 (medians would give 4)."""
+    prep, pruned, _ = pruned_llama
+    clock = FakeClock()
+    cost = {str(prep): 0.5, str(pruned): 0.125}
+    slow_call = {str(prep): 5}
+    forwards = {str(prep): 0, str(pruned): 0}
+    load_any = speed.load_any
+
+    def load_with_clock(path, device):
+        model = load_any(path, device)
+        path, state = str(path), {"calls": 0, "factor": 1.0}
+
+        def tick(module, args):
+            clock.now += cost[path] * state["factor"]
+            forwards[path] += 1
+
+        def generate(*args, **kwargs):
+            state["calls"] += 1
+            state["factor"] = 4.0 if state["calls"] == slow_call.get(path) else 1.0
+            try:
+                return model_generate(*args, **kwargs)
+            finally:
+                state["factor"] = 1.0
+
+        model.register_forward_pre_hook(tick)
+        model_generate, model.generate = model.generate, generate
+        return model
+
+    monkeypatch.setattr(speed, "time", clock)
+    monkeypatch.setattr(speed, "load_any", load_with_clock)
+    r = speed.measure(pruned, prep, prompt_tokens=8, new_tokens=4, repeats=3, warmup=2, device="cpu", threads=1)
+    # per model: 2 warm-up generations, 3 timed prefills, 3 timed generations, 1 memory run
+    assert forwards == {str(prep): 2 * 4 + 3 + 3 * 4 + 4, str(pruned): 2 * 4 + 3 + 3 * 4 + 4}
+    b, m = r["baseline"], r["model"]
+    assert b["gen_s"] == pytest.approx([2.0, 2.0, 8.0]) and m["gen_s"] == pytest.approx([0.5, 0.5, 0.5])
+    assert (b["gen_mean_s"], b["gen_median_s"], b["gen_min_s"]) == pytest.approx((4.0, 2.0, 2.0))
+    assert (m["gen_mean_s"], m["gen_median_s"]) == pytest.approx((0.5, 0.5))
+    assert (b["prefill_s"], m["prefill_s"]) == pytest.approx((0.5, 0.125))
+    assert (b["tokens_per_s"], m["tokens_per_s"]) == pytest.approx((1.0, 8.0))  # 4 tokens / mean generation time
+    assert r["speedup"] == pytest.approx(8.0)
 
 
 def test_without_baseline(pruned_llama):

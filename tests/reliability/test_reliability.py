@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -69,32 +69,82 @@ def test_calibration_bytes_identical_across_runs(study):
 
 
 # -- interruption ---------------------------------------------------------------------------
-def test_sigkill_mid_step_leaves_no_partial_artifact_and_rerun_resumes(study, capsys):
+def _step_args(model, calib, k, out_dir, progress=False) -> list[str]:
+    args = ["step", "--model", model, "--calib", calib, "--k", k, "--device", "cpu", "--out", out_dir / f"step_{k}.json"]
+    args += ["--prev", out_dir / f"step_{k - 1}.json"] if k > 1 else []
+    return [str(a) for a in args + ([] if progress else ["--no-progress"])]
+
+
+# run each step of a chain only if its artifact is missing, as the workflow does; print the steps run
+_RESUME = """
+import json, sys
+from pathlib import Path
+from blockpruner.cli import main
+ran = []
+for k, args in json.loads(sys.argv[1]).items():
+    if not Path(args[args.index("--out") + 1]).exists():
+        assert main(args) == 0
+        ran.append(int(k))
+print(json.dumps(ran))
+"""
+
+
+def _comparable(path: Path, run_dir: Path) -> dict:
+    """A step artifact without its timing (and the checksum over it), run directory factored out."""
+    rec = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("timing", "checksum")}
+    prev = rec["inputs"]["previous_step"]
+    rec["inputs"]["previous_step"] = prev and str(Path(prev).relative_to(run_dir))
+    return rec
+
+
+def test_sigkill_during_step_2_then_rerun_resumes_there_and_equals_uninterrupted_run(study, capsys):
+    """A 3-step search whose step-2 process is killed with SIGKILL mid-search: nothing of step 2
+    is left, step 1 is untouched, and a rerun in a fresh process starts at step 2 and ends with
+    the artifacts of a run that was never interrupted."""
     t = study
-    # a slower model so the kill lands mid-search
-    big = tiny_model("llama", seed=1, num_hidden_layers=8, hidden_size=256, intermediate_size=1024, vocab_size=4000)
+    # big enough that one step takes a second or two, so the kill lands inside the search
+    big = tiny_model("llama", seed=1, num_hidden_layers=4, hidden_size=256, intermediate_size=1024)
     big.save_pretrained(t / "big")
     write_manifest(t / "big", big, source="test", dtype="fp32")
     text = t / "long.txt"
     text.write_text("\n".join(f"line {i} " * 20 for i in range(200)))
-    sample_calibration(CalibrationSpec(str(text), nsamples=100, seqlen=256, max_windows=8), CharTokenizer(), t / "bigcal")
-    out = t / "search" / "step_1.json"
-    cmd = [sys.executable, "-m", "blockpruner.cli", "step", "--model", str(t / "big"), "--calib", str(t / "bigcal"),
-           "--k", "1", "--device", "cpu", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    # wait until the search loop is running (its progress bar prints), then kill -9
-    buf = ""
-    while "step 1" not in buf and proc.poll() is None:
+    sample_calibration(CalibrationSpec(str(text), nsamples=100, seqlen=256, max_windows=4), CharTokenizer(), t / "bigcal")
+    model, calib, d = t / "big", t / "bigcal", t / "run"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+
+    # the uninterrupted run, and step 1 of the interrupted one, here on one thread like the subprocesses
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for k in (1, 2, 3):
+            assert run(_step_args(model, calib, k, t / "ref"), capsys)[0] == 0
+        assert run(_step_args(model, calib, 1, d), capsys)[0] == 0
+    finally:
+        torch.set_num_threads(threads)
+    step1 = (d / "step_1.json").read_bytes(), (d / "step_1.json").stat().st_mtime_ns
+
+    cmd = [sys.executable, "-m", "blockpruner.cli", *_step_args(model, calib, 2, d, progress=True)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    buf, progress = "", None
+    while progress is None and proc.poll() is None:  # until its progress bar shows some candidates scored
         buf += proc.stderr.read(1)
-    time.sleep(1.0)
-    assert proc.poll() is None, "the step finished before it could be killed; make the fixture slower"
+        progress = re.search(r"step 2: .*?\| *([1-9]\d*)/(\d+) ", buf)
+    assert proc.poll() is None, "step 2 finished before it could be killed; make the model slower"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not out.exists()
-    assert not any(p.name.startswith(".") for p in out.parent.glob("*")) if out.parent.exists() else True
-    # rerunning completes and equals an uninterrupted run
-    assert subprocess.run(cmd + ["--no-progress"], capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"}).returncode == 0
-    assert read_step(out)["k"] == 1
+    assert proc.returncode == -signal.SIGKILL
+    assert int(progress[1]) < int(progress[2])  # killed mid-search
+    assert sorted(p.name for p in d.iterdir()) == ["step_1.json"]  # no step_2.json, no temp file
+    assert ((d / "step_1.json").read_bytes(), (d / "step_1.json").stat().st_mtime_ns) == step1
+
+    steps = json.dumps({k: _step_args(model, calib, k, d) for k in (1, 2, 3)})
+    r = subprocess.run([sys.executable, "-c", _RESUME, steps], env=env, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [2, 3]  # resumed at the killed step
+    assert ((d / "step_1.json").read_bytes(), (d / "step_1.json").stat().st_mtime_ns) == step1
+    for k in (1, 2, 3):
+        assert read_step(d / f"step_{k}.json")["k"] == k  # checksums hold
+        assert _comparable(d / f"step_{k}.json", d) == _comparable(t / "ref" / f"step_{k}.json", t / "ref"), k
 
 
 def test_atomic_write_keeps_old_file_when_writer_dies(tmp_path):
