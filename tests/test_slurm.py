@@ -136,7 +136,7 @@ def uncommented_gpu_profile(main: Path) -> str:
 
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory) -> Path:
-    return copy_workflow(tmp_path_factory.mktemp("slurm"))
+    return copy_workflow(tmp_path_factory.mktemp("slurm"), messages=False)
 
 
 # ---------------------------------------------------------------- the profile

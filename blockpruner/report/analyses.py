@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..artifacts import atomic_write, read_json, write_csv
 from ..errors import UserError
-from .summary import EVAL_KINDS, classify, read_chain
+from .summary import EVAL_KINDS, classify
 
 log = logging.getLogger("blockpruner.analyses")
 
@@ -104,6 +104,8 @@ class Study:
                     self.dense[model][kind] = read_json(p)
                 else:
                     self.evals[(model, *rest)][kind] = read_json(p)
+        from ..search.greedy import read_chain
+
         self.chains: dict[Key, list[dict]] = {k: read_chain(v, "/".join(k)) for k, v in sorted(steps.items())}
         self.tasks: list[str] = []
         for ev in [*self.evals.values(), *self.dense.values()]:

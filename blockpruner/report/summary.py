@@ -60,30 +60,9 @@ def sequence_rows(steps: list[dict]) -> list[dict]:
     return rows
 
 
-def read_steps(paths: list[str | Path]) -> list[dict]:
-    from ..search.greedy import read_step
-
-    return read_chain([read_step(p) for p in paths])
-
-
-def read_chain(steps: list[dict], label: str = "steps") -> list[dict]:
-    """Steps 1..K in order, each continuing the previous one.
-
-    A step adds one block (block-level methods) or a whole layer's two blocks (layer-level
-    methods), so step k's `removed` must start with step k-1's and be longer.
-    """
-    chain = sorted(steps, key=lambda s: s["k"])
-    ks = [s["k"] for s in chain]
-    if ks != list(range(1, len(ks) + 1)):
-        raise UserError(f"{label}: steps must be 1..K without gaps, got k = {ks}")
-    for prev, cur in zip(chain, chain[1:]):
-        n = len(prev["removed"])
-        if len(cur["removed"]) <= n or cur["removed"][:n] != prev["removed"]:
-            raise UserError(f"{label}: step {cur['k']} does not continue step {prev['k']} (stale file?); rerun the search")
-    return chain
-
-
 def write_sequence(out: str | Path, step_paths: list[str | Path]) -> list[dict]:
+    from ..search.greedy import read_steps
+
     rows = sequence_rows(read_steps(step_paths))
     write_csv(out, rows)
     return rows
@@ -147,6 +126,8 @@ def collect(paths: list[str | Path], ratio_of: str = "all") -> tuple[list[dict],
             kind, *label = key
             row = evals.setdefault(tuple(label), Row(*label))
             row.evals[kind] = read_json(p)
+    from ..search.greedy import read_steps
+
     chains = {key: read_steps(ps) for key, ps in step_paths.items()}
     tasks: list[str] = []
     for row in evals.values():

@@ -364,6 +364,27 @@ def read_step(path: str | Path) -> dict:
     return read_json(path, FORMAT)
 
 
+def read_steps(paths: list[str | Path]) -> list[dict]:
+    return read_chain([read_step(p) for p in paths])
+
+
+def read_chain(steps: list[dict], label: str = "steps") -> list[dict]:
+    """Steps 1..K in order, each continuing the previous one.
+
+    A step adds one block (block-level methods) or a whole layer's two blocks (layer-level
+    methods), so step k's `removed` must start with step k-1's and be longer.
+    """
+    chain = sorted(steps, key=lambda s: s["k"])
+    ks = [s["k"] for s in chain]
+    if ks != list(range(1, len(ks) + 1)):
+        raise UserError(f"{label}: steps must be 1..K without gaps, got k = {ks}")
+    for prev, cur in zip(chain, chain[1:]):
+        n = len(prev["removed"])
+        if len(cur["removed"]) <= n or cur["removed"][:n] != prev["removed"]:
+            raise UserError(f"{label}: step {cur['k']} does not continue step {prev['k']} (stale file?); rerun the search")
+    return chain
+
+
 def steps_to_ratio(steps: list[dict], ratio: float, key: str = "ratio") -> int:
     """Smallest K whose pruning ratio reaches `ratio`, from an ordered list of step records."""
     if not 0 < ratio < 1:

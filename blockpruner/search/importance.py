@@ -172,7 +172,7 @@ def js_sum(pm: PrunableModel, hidden_a: torch.Tensor, hidden_b: torch.Tensor) ->
     norm = get_path(pm.model, pm.adapter.final_norm)
     a, b = norm(hidden_a), norm(hidden_b.to(hidden_a.device))
     head = get_path(pm.model, pm.adapter.lm_head)
-    step = max(1, head_chunk_tokens(head.out_features) // 8)  # float64, two distributions
+    step = max(1, head_chunk_tokens(head.weight.shape[0]) // 8)  # float64, two distributions
     total = torch.zeros((), dtype=torch.float64, device=a.device)
     log2 = math.log(2.0)
     for s in range(0, a.shape[1], step):

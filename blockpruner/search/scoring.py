@@ -96,7 +96,7 @@ class FlopModel:
             else:
                 window[i] = sliding if (sliding and getattr(cfg, "use_sliding_window", True)) else None
         head = get_path(pm.model, pm.adapter.lm_head)
-        fm = cls(linear, heads, head_dim, window, int(head.in_features * head.out_features))
+        fm = cls(linear, heads, head_dim, window, int(head.weight.numel()))  # vocab x hidden (also non-Linear heads)
         _FLOP_MODELS[pm.model] = fm
         return fm
 
@@ -283,7 +283,7 @@ def head_nll(pm: PrunableModel, hidden: torch.Tensor, input_ids: torch.Tensor, c
     hidden = hidden[:, :-1]
     labels = input_ids[:, 1:].to(hidden.device)
     b, t = labels.shape
-    step = max(1, head_chunk_tokens(head.out_features) // b)
+    step = max(1, head_chunk_tokens(head.weight.shape[0]) // b)
     sums = torch.zeros(b, dtype=torch.float64, device=hidden.device)
     done = 0
     while done < t:

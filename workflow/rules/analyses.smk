@@ -1,7 +1,9 @@
 # Stage 7: the paper's analyses, each a CSV and a PNG under results/analyses/.
-#   analyze_study:  accuracy / perplexity vs pruning ratio per method (Figures 4, 6, 10),
-#                   attention share among removed blocks (Figure 5), pruning time (Table 7)
-#   analyze_bi:     Block Influence at layer vs block level on the dense model (Figure 1)
+#   analyze_study (one job per analysis):
+#     ratio      accuracy / perplexity vs pruning ratio per method (Figures 4, 6, 10)
+#     attention  attention share among removed blocks (Figure 5)
+#     time       pruning time (Table 7)
+#   analyze_bi:  Block Influence at layer vs block level on the dense model (Figure 1)
 # Built by `snakemake analyses` (or as part of `all` when `analyses.enabled` is true).
 
 ANALYSES = ["ratio", "attention", "time"]
@@ -12,31 +14,27 @@ rule analyze_study:
         evals=eval_outputs(),
         steps=search_outputs(),
     output:
-        csv=expand("results/analyses/{kind}.csv", kind=ANALYSES),
-        png=[
-            report(f"results/analyses/{kind}.png", caption="../report/analyses.rst", category="Analyses")
-            for kind in ANALYSES
-        ],
+        csv="results/analyses/{analysis}.csv",
+        png=report("results/analyses/{analysis}.png", caption="../report/analyses.rst", category="Analyses"),
+    wildcard_constraints:
+        analysis="|".join(ANALYSES),
     params:
-        kinds=" ".join(ANALYSES),
         ratio_of=lookup(dpath="prunings/ratio_of", within=config),
-        code=code_hash("analyze-ratio", "analyze-attention", "analyze-time"),
+        code=lambda wildcards: code_hash(f"analyze-{wildcards.analysis}"),
+    message:
+        "Analysis '{wildcards.analysis}' of the study -> {output.csv}"
     log:
-        "logs/analyze_study.log",
+        "logs/analyze_study/{analysis}.log",
     benchmark:
-        "logs/benchmarks/analyze_study.tsv"
+        "logs/benchmarks/analyze_study/{analysis}.tsv"
     conda:
         CONDA_ENV
     threads: rule_resources("analyze_study")["threads"]
     resources:
-        gpu=0,
-        mem_mb=rule_resources("analyze_study")["mem_mb"],
-        runtime=rule_resources("analyze_study")["runtime"],
+        **job_resources("analyze_study", gpu=False),
     shell:
-        "(for kind in {params.kinds}; do"
-        " python -m blockpruner.cli analyze-$kind --ratio-of {params.ratio_of}"
-        " --csv results/analyses/$kind.csv --png results/analyses/$kind.png {input.evals:q} {input.steps:q};"
-        " done) > {log} 2>&1"
+        "python -m blockpruner.cli analyze-{wildcards.analysis} --ratio-of {params.ratio_of}"
+        " --csv {output.csv:q} --png {output.png:q} {input.evals:q} {input.steps:q} > {log} 2>&1"
 
 
 rule analyze_bi:
@@ -55,6 +53,8 @@ rule analyze_bi:
         calib_dir=dirname_of("calib"),
         max_windows=option("--max-windows", "analyses/bi_max_windows"),
         code=code_hash("analyze-bi"),
+    message:
+        "Block Influence of layers and blocks of {wildcards.model} on {wildcards.calib}"
     log:
         "logs/analyze_bi/{model}/{calib}.log",
     benchmark:
@@ -63,9 +63,7 @@ rule analyze_bi:
         CONDA_ENV
     threads: rule_resources("analyze_bi")["threads"]
     resources:
-        gpu=gpus("analyze_bi"),
-        mem_mb=rule_resources("analyze_bi")["mem_mb"],
-        runtime=rule_resources("analyze_bi")["runtime"],
+        **job_resources("analyze_bi"),
     shell:
         "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli analyze-bi --model {params.model_dir:q}"
         " --calib {params.calib_dir:q} {params.max_windows} --device auto --csv {output.csv:q} --png {output.png:q} > {log} 2>&1"
@@ -73,5 +71,5 @@ rule analyze_bi:
 
 rule analyses:
     input:
-        rules.analyze_study.output,
+        expand(rules.analyze_study.output, analysis=ANALYSES),
         expand(rules.analyze_bi.output, model=MODELS, calib=CALIBS),

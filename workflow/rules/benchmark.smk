@@ -23,6 +23,8 @@ rule benchmark_search:
         confirm_top=lookup(dpath="benchmark/confirm_top", within=config),
         max_windows=option("--max-windows", "benchmark/max_windows"),
         code=code_hash("benchmark-search"),
+    message:
+        "Search-speed benchmark ({params.methods}, K={params.k}) on {wildcards.model} / {wildcards.calib}"
     log:
         "logs/benchmark_search/{model}/{calib}.log",
     benchmark:
@@ -31,9 +33,7 @@ rule benchmark_search:
         CONDA_ENV
     threads: rule_resources("benchmark_search")["threads"]
     resources:
-        gpu=gpus("benchmark_search"),
-        mem_mb=rule_resources("benchmark_search")["mem_mb"],
-        runtime=rule_resources("benchmark_search")["runtime"],
+        **job_resources("benchmark_search"),
     shell:
         "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli benchmark-search"
         " --model {params.model_dir:q} --calib {params.calib_dir:q} --k {params.k} --methods {params.methods}"

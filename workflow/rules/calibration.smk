@@ -21,6 +21,9 @@ rule sample_calibration:
         model_dir=dirname_of("model"),
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
         code=code_hash("sample-calibration"),
+    message:
+        "Sampling calibration set {wildcards.calib} ({params.nsamples} samples, {params.seqlen}-token windows) "
+        "for {wildcards.model}"
     log:
         "logs/sample_calibration/{model}/{calib}.log",
     benchmark:
@@ -29,9 +32,7 @@ rule sample_calibration:
         CONDA_ENV
     threads: rule_resources("sample_calibration")["threads"]
     resources:
-        gpu=gpus("sample_calibration"),
-        mem_mb=rule_resources("sample_calibration")["mem_mb"],
-        runtime=rule_resources("sample_calibration")["runtime"],
+        **job_resources("sample_calibration"),
     shell:
         "python -m blockpruner.cli sample-calibration --model {params.model_dir:q} --data {params.data:q} {params.hub_config}"
         " --split {params.split:q} --text-field {params.text_field:q} --nsamples {params.nsamples}"

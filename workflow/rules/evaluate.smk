@@ -5,7 +5,7 @@
 
 rule eval_perplexity:
     input:
-        model=model_dir_of,
+        model=model_manifest,
         data=perplexity_file,
     output:
         json="results/eval/{model}/{variant}/ppl.json",
@@ -16,6 +16,8 @@ rule eval_perplexity:
         max_windows=option("--max-windows", "evaluate/perplexity/max_windows"),
         model_dir=dirname_of("model"),
         code=code_hash("eval-ppl"),
+    message:
+        "WikiText-2 perplexity of {wildcards.model} / {wildcards.variant}"
     log:
         "logs/eval_perplexity/{model}/{variant}.log",
     benchmark:
@@ -24,9 +26,7 @@ rule eval_perplexity:
         CONDA_ENV
     threads: rule_resources("eval_perplexity")["threads"]
     resources:
-        gpu=gpus("eval_perplexity"),
-        mem_mb=rule_resources("eval_perplexity")["mem_mb"],
-        runtime=rule_resources("eval_perplexity")["runtime"],
+        **job_resources("eval_perplexity"),
     shell:
         "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli eval-ppl --model {params.model_dir:q} --data {params.data:q}"
         " {params.hub_config} --seqlen {params.seqlen} {params.max_windows}"
@@ -35,7 +35,7 @@ rule eval_perplexity:
 
 rule eval_tasks:
     input:
-        model=model_dir_of,
+        model=model_manifest,
     output:
         json="results/eval/{model}/{variant}/tasks.json",
     params:
@@ -46,6 +46,8 @@ rule eval_tasks:
         limit=option("--limit", "evaluate/tasks/limit"),
         model_dir=dirname_of("model"),
         code=code_hash("eval-tasks"),
+    message:
+        "Zero-shot tasks {params.tasks} on {wildcards.model} / {wildcards.variant}"
     log:
         "logs/eval_tasks/{model}/{variant}.log",
     benchmark:
@@ -54,9 +56,7 @@ rule eval_tasks:
         CONDA_ENV
     threads: rule_resources("eval_tasks")["threads"]
     resources:
-        gpu=gpus("eval_tasks"),
-        mem_mb=rule_resources("eval_tasks")["mem_mb"],
-        runtime=rule_resources("eval_tasks")["runtime"],
+        **job_resources("eval_tasks"),
     shell:
         "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli eval-tasks --model {params.model_dir:q} --tasks {params.tasks}"
         " {params.local_data} --num-fewshot {params.num_fewshot} --batch-size {params.batch_size} {params.limit}"
@@ -65,7 +65,7 @@ rule eval_tasks:
 
 rule measure_speed:
     input:
-        model=model_dir_of,
+        model=model_manifest,
         baseline=dense_model,
     output:
         json="results/eval/{model}/{variant}/speed.json",
@@ -77,6 +77,8 @@ rule measure_speed:
         model_dir=dirname_of("model"),
         baseline=lambda wildcards, input: f"--baseline {shlex.quote(os.path.dirname(input.baseline[0]))}" if input.baseline else "",
         code=code_hash("speed"),
+    message:
+        "Generation speed of {wildcards.model} / {wildcards.variant}"
     log:
         "logs/measure_speed/{model}/{variant}.log",
     benchmark:
@@ -85,9 +87,7 @@ rule measure_speed:
         CONDA_ENV
     threads: rule_resources("measure_speed")["threads"]
     resources:
-        gpu=gpus("measure_speed"),
-        mem_mb=rule_resources("measure_speed")["mem_mb"],
-        runtime=rule_resources("measure_speed")["runtime"],
+        **job_resources("measure_speed"),
     shell:
         "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli speed --model {params.model_dir:q} {params.baseline}"
         " --prompt-tokens {params.prompt_tokens} --new-tokens {params.new_tokens} --repeats {params.repeats}"

@@ -8,8 +8,11 @@ rule prepare_model:
     params:
         source=lookup(dpath="models/{model}/source", within=config),
         dtype=lookup(dpath="models/{model}/dtype", within=config),
+        trust=lambda wildcards: "--trust-remote-code" if config["models"][wildcards.model].get("trust_remote_code") else "",
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
         code=code_hash("prepare-model"),
+    message:
+        "Preparing model {wildcards.model} from {params.source}"
     log:
         "logs/prepare_model/{model}.log",
     benchmark:
@@ -18,8 +21,7 @@ rule prepare_model:
         CONDA_ENV
     threads: rule_resources("prepare_model")["threads"]
     resources:
-        gpu=gpus("prepare_model"),
-        mem_mb=rule_resources("prepare_model")["mem_mb"],
-        runtime=rule_resources("prepare_model")["runtime"],
+        **job_resources("prepare_model"),
     shell:
-        "python -m blockpruner.cli prepare-model {params.source:q} {params.out_dir:q} --dtype {params.dtype} > {log} 2>&1"
+        "python -m blockpruner.cli prepare-model {params.source:q} {params.out_dir:q} --dtype {params.dtype} {params.trust}"
+        " > {log} 2>&1"

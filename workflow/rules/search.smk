@@ -1,52 +1,27 @@
-# Stage 3: the greedy search, one job and one file per step (with search.shards > 1, one
-# job per shard of the candidates plus a gathering job).  Step k reads step k-1, so a
-# study asking for K=12 after K=8 runs only steps 9..12; `tabulate_search` lists the
-# removal sequence for a person to read.
-
-
-rule search_shard:
-    # One shard of an exact BlockPruner step (search.shards > 1): every N-th candidate in
-    # the tie order, as its own (GPU) job; search_step gathers the shards.
-    input:
-        model=rules.prepare_model.output.manifest,
-        calib=rules.sample_calibration.output.manifest,
-        prev=previous_step,
-    output:
-        shard="results/search/{model}/{calib}/{method}/shards/step_{k}.shard{shard}of{nshards}.json",
-    params:
-        command=score_command,
-        code=code_hash("step"),
-    log:
-        "logs/search_shard/{model}/{calib}/{method}/step_{k}.shard{shard}of{nshards}.log",
-    benchmark:
-        "logs/benchmarks/search_shard/{model}/{calib}/{method}/step_{k}.shard{shard}of{nshards}.tsv"
-    conda:
-        CONDA_ENV
-    threads: rule_resources("search_step")["threads"]
-    resources:
-        gpu=gpus("search_step"),
-        mem_mb=rule_resources("search_step")["mem_mb"],
-        runtime=rule_resources("search_step")["runtime"],
-    shell:
-        "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli {params.command}"
-        " --shard {wildcards.shard}/{wildcards.nshards} --out {output.shard:q} > {log} 2>&1"
+# Stage 3: the greedy search, one job and one file per step.  Step k reads step k-1, so a
+# study asking for K=12 after K=8 runs only steps 9..12.  With search.shards > 1 an exact
+# BlockPruner step is scored as N search_shard jobs (every N-th candidate in the tie order,
+# one GPU each) and gather_step writes the step from them; otherwise search_step scores the
+# step in one job.  tabulate_search lists the removal sequence for a person to read.
 
 
 rule search_step:
-    # Step k: scores every candidate itself, or (search.shards > 1) gathers the shards'
-    # scores into the same artifact an unsharded step writes.
     input:
         model=rules.prepare_model.output.manifest,
         calib=rules.sample_calibration.output.manifest,
         prev=previous_step,
-        shards=step_shards,
     output:
         step="results/search/{model}/{calib}/{method}/step_{k}.json",
+    wildcard_constraints:
+        method=methods_regex(sharded=False),
     params:
-        algorithm=lookup(dpath="methods/{method}/algorithm", within=config),
+        command=step_command,
         candidates=lookup(dpath="methods/{method}/candidates", within=config),
-        command=step_job,
-        code=lambda wildcards: code_hash(step_command(wildcards).split()[0], "gather-step"),
+        device_map=option("--device-map", "models/{model}/device_map"),
+        inputs=step_inputs,
+        code=lambda wildcards: code_hash(step_command(wildcards).split()[0]),
+    message:
+        "Search step {wildcards.k} of {wildcards.method} on {wildcards.model} / {wildcards.calib}"
     log:
         "logs/search_step/{model}/{calib}/{method}/step_{k}.log",
     benchmark:
@@ -55,12 +30,69 @@ rule search_step:
         CONDA_ENV
     threads: rule_resources("search_step")["threads"]
     resources:
-        gpu=step_gpus,
-        mem_mb=rule_resources("search_step")["mem_mb"],
-        runtime=rule_resources("search_step")["runtime"],
+        **job_resources("search_step"),
     shell:
-        "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli {params.command}"
+        "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli {params.command} {params.inputs}"
+        " --k {wildcards.k} --candidates {params.candidates} {params.device_map} --device auto --no-progress"
         " --out {output.step:q} > {log} 2>&1"
+
+
+rule search_shard:
+    input:
+        model=rules.prepare_model.output.manifest,
+        calib=rules.sample_calibration.output.manifest,
+        prev=previous_step,
+    output:
+        shard="results/search/{model}/{calib}/{method}/shards/step_{k}.shard{shard}of{nshards}.json",
+    wildcard_constraints:
+        method=methods_regex(sharded=True),
+    params:
+        command=step_command,
+        candidates=lookup(dpath="methods/{method}/candidates", within=config),
+        device_map=option("--device-map", "models/{model}/device_map"),
+        inputs=step_inputs,
+        code=code_hash("step"),
+    message:
+        "Search step {wildcards.k} of {wildcards.method} on {wildcards.model} / {wildcards.calib}: "
+        "shard {wildcards.shard} of {wildcards.nshards}"
+    log:
+        "logs/search_shard/{model}/{calib}/{method}/step_{k}.shard{shard}of{nshards}.log",
+    benchmark:
+        "logs/benchmarks/search_shard/{model}/{calib}/{method}/step_{k}.shard{shard}of{nshards}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_resources("search_step")["threads"]
+    resources:
+        **job_resources("search_step"),
+    shell:
+        "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli {params.command} {params.inputs}"
+        " --k {wildcards.k} --candidates {params.candidates} {params.device_map} --device auto --no-progress"
+        " --shard {wildcards.shard}/{wildcards.nshards} --out {output.shard:q} > {log} 2>&1"
+
+
+rule gather_step:
+    input:
+        shards=shard_paths,
+    output:
+        step="results/search/{model}/{calib}/{method}/step_{k}.json",
+    wildcard_constraints:
+        method=methods_regex(sharded=True),
+    params:
+        code=code_hash("gather-step"),
+    message:
+        "Search step {wildcards.k} of {wildcards.method} on {wildcards.model} / {wildcards.calib}: gathering "
+        "{input.shards:q}"
+    log:
+        "logs/gather_step/{model}/{calib}/{method}/step_{k}.log",
+    benchmark:
+        "logs/benchmarks/gather_step/{model}/{calib}/{method}/step_{k}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_resources("search_step")["threads"]
+    resources:
+        **job_resources("search_step", gpu=False),
+    shell:
+        "python -m blockpruner.cli gather-step --shards {input.shards:q} --out {output.step:q} > {log} 2>&1"
 
 
 rule tabulate_search:
@@ -75,6 +107,8 @@ rule tabulate_search:
         ),
     params:
         code=code_hash("sequence"),
+    message:
+        "Tabulating the removal sequence of {wildcards.method} on {wildcards.model} / {wildcards.calib}"
     log:
         "logs/tabulate_search/{model}/{calib}/{method}.log",
     benchmark:
@@ -83,8 +117,6 @@ rule tabulate_search:
         CONDA_ENV
     threads: rule_resources("tabulate_search")["threads"]
     resources:
-        gpu=0,
-        mem_mb=rule_resources("tabulate_search")["mem_mb"],
-        runtime=rule_resources("tabulate_search")["runtime"],
+        **job_resources("tabulate_search", gpu=False),
     shell:
         "python -m blockpruner.cli sequence --out {output.csv:q} {input.steps:q} > {log} 2>&1"

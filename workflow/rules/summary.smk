@@ -18,6 +18,8 @@ rule summarize:
     params:
         ratio_of=lookup(dpath="prunings/ratio_of", within=config),
         code=code_hash("summarize"),
+    message:
+        "Summarising the study: results/summary.md, results/plots/"
     log:
         "logs/summarize.log",
     benchmark:
@@ -26,9 +28,7 @@ rule summarize:
         CONDA_ENV
     threads: rule_resources("summarize")["threads"]
     resources:
-        gpu=0,
-        mem_mb=rule_resources("summarize")["mem_mb"],
-        runtime=rule_resources("summarize")["runtime"],
+        **job_resources("summarize", gpu=False),
     shell:
         "python -m blockpruner.cli summarize --csv {output.csv:q} --markdown {output.md:q} --ratio-of {params.ratio_of}"
         " --plot-ppl {output.ppl_plot:q} --plot-accuracy {output.acc_plot:q} --plot-blocks {output.blocks_plot:q}"
