@@ -118,3 +118,24 @@ def require_shared() -> None:
     if not DATA.exists():
         pytest.fail(f"{DATA} not found: the real-data tests need ../shared/data beside the checkout "
                     "(or BLOCKPRUNER_SHARED pointing at it)")
+
+
+@pytest.fixture()
+def one_thread():
+    """Two shared cores: one torch thread avoids OpenMP spinning against other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def word_tokenizer(whitespace: bool = False):
+    """Tokens t0..t95 of a word-level vocabulary (t0 pad, t1 BOS, t2 EOS, t3 unknown); with
+    `whitespace`, a text of space-separated tokens is split into them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(96)}, unk_token="t3"))
+    if whitespace:
+        tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t3", pad_token="t0", bos_token="t1", eos_token="t2")

@@ -299,13 +299,13 @@ def study3(tmp_path):
     from blockpruner.data.calibration import CalibrationSpec, sample_calibration
     from blockpruner.data.sources import write_manifest
 
+    from .conftest import word_tokenizer
     from .test_calibration import CharTokenizer
-    from .test_export import tiny_tokenizer
 
     model = tiny_model("llama", seed=2, num_hidden_layers=3)
     mdir = tmp_path / "model"
     model.save_pretrained(mdir)
-    tiny_tokenizer().save_pretrained(mdir)  # materialisation copies it
+    word_tokenizer().save_pretrained(mdir)  # materialisation copies it
     write_manifest(mdir, model, source="test", dtype="fp32")
     text = tmp_path / "t.txt"
     text.write_text("\n".join(f"line {i} of calibration text" for i in range(30)))

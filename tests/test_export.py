@@ -18,7 +18,7 @@ from blockpruner.errors import UserError
 from blockpruner.export import decilm, materialize
 from blockpruner.search.greedy import StepSettings, search_step, write_step
 
-from .conftest import ARCHS, tiny_model
+from .conftest import ARCHS, tiny_model, word_tokenizer
 
 # 5 layers: attn.0 gone (layer 0 is MLP-only), layer 1 gone entirely, layer 3 MLP-only between the
 # attention layers 2 and 4, layer 4 attention-only. On Gemma 3 the kept attention is one sliding
@@ -27,28 +27,14 @@ PATTERN = ["attn.0", "mlp.1", "attn.1", "attn.3", "mlp.4"]
 PROMPT = torch.tensor([[5, 9, 14, 3, 77, 21, 8, 60, 33, 12]])  # longer than the tiny sliding window (6)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one torch thread avoids OpenMP spinning against other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(96)}, unk_token="t3"))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t3", pad_token="t0", bos_token="t1", eos_token="t2")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prepared_tiny(root: Path, arch: str, layers: int = 5, **over) -> tuple[Path, torch.nn.Module]:
     """A tiny random model written and prepared like a real source; returns (prepared dir, model)."""
     model = tiny_model(arch, num_hidden_layers=layers, **over)
     model.save_pretrained(root / "src")
-    tiny_tokenizer().save_pretrained(root / "src")
+    word_tokenizer().save_pretrained(root / "src")
     prepare_model(str(root / "src"), root / "prepared")
     return root / "prepared", model
 
@@ -235,7 +221,7 @@ def test_real_search_steps(tmp_path):
 def test_bf16_model_stays_bf16(tmp_path):
     model = tiny_model("llama", num_hidden_layers=3)
     model.save_pretrained(tmp_path / "src")
-    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    word_tokenizer().save_pretrained(tmp_path / "src")
     prep = tmp_path / "prepared"
     prepare_model(str(tmp_path / "src"), prep, dtype="bf16")
     dense, _, _ = load_prepared(prep)
@@ -277,7 +263,7 @@ def test_multimodal_gemma3(tmp_path):
                                                                 mm_tokens_per_image=4, image_token_index=95,
                                                                 boi_token_index=93, eoi_token_index=94)).eval()
     model.save_pretrained(tmp_path / "src")
-    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    word_tokenizer().save_pretrained(tmp_path / "src")
     prep = tmp_path / "prepared"
     prepare_model(str(tmp_path / "src"), prep)
     removed = ["attn.0", "mlp.1", "attn.1"]

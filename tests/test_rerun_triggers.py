@@ -19,7 +19,6 @@ import json
 import os
 import random
 import re
-import subprocess
 from collections import defaultdict
 from pathlib import Path
 

@@ -26,7 +26,7 @@ from blockpruner.data.sources import (
 )
 from blockpruner.errors import UserError
 
-from .conftest import tiny_model
+from .conftest import tiny_model, word_tokenizer
 
 CONFIG_PY = '''\
 import pathlib
@@ -94,21 +94,7 @@ REFUSAL = ("ships its own modeling code (model_type 'baichuan' is not built into
            "it runs only if you trust it: pass --trust-remote-code (workflow: models.<name>.trust_remote_code: true)")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(96)}, unk_token="t3"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t3", pad_token="t0", bos_token="t1", eos_token="t2")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def remote_source(root: Path, marker: Path, layers: int = 4) -> tuple[Path, torch.nn.Module]:
@@ -116,7 +102,7 @@ def remote_source(root: Path, marker: Path, layers: int = 4) -> tuple[Path, torc
     src = root / f"tinybc_{uuid.uuid4().hex[:8]}"  # a fresh module name for transformers' module cache
     model = tiny_model("llama", num_hidden_layers=layers)
     model.save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
+    word_tokenizer(whitespace=True).save_pretrained(src)
     (src / "configuration_tinybc.py").write_text(CONFIG_PY.format(marker=str(marker)), encoding="utf-8")
     (src / "modeling_tinybc.py").write_text(MODELING_PY.format(marker=str(marker)), encoding="utf-8")
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
@@ -181,7 +167,7 @@ def test_tokenizer_code_is_refused_too(tmp_path):
     marker = tmp_path / "ran"
     src = tmp_path / f"tok_{uuid.uuid4().hex[:8]}"
     tiny_model("llama").save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
+    word_tokenizer(whitespace=True).save_pretrained(src)
     (src / "tokenization_x.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
         "from transformers import PreTrainedTokenizerFast\n\n\nclass XTokenizer(PreTrainedTokenizerFast):\n    pass\n",
@@ -297,7 +283,7 @@ def test_ordinary_model_same_with_or_without_trust(tmp_path):
     """Trust changes nothing for a model without code of its own, except the manifest's record of it."""
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "src")
-    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    word_tokenizer(whitespace=True).save_pretrained(tmp_path / "src")
     a = prepare_model(str(tmp_path / "src"), tmp_path / "a")
     b = prepare_model(str(tmp_path / "src"), tmp_path / "b", trust_remote_code=True)
     assert a["trust_remote_code"] is False and b["trust_remote_code"] is True
@@ -318,7 +304,7 @@ def test_load_pruned_never_runs_the_directory_code(tmp_path):
 
     model = tiny_model("llama", num_hidden_layers=4)
     model.save_pretrained(tmp_path / "src")
-    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    word_tokenizer(whitespace=True).save_pretrained(tmp_path / "src")
     prepare_model(str(tmp_path / "src"), tmp_path / "prepared")
     removed = ["attn.1", "mlp.2"]
     manifest = read_manifest(tmp_path / "prepared")

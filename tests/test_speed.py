@@ -14,7 +14,9 @@ from blockpruner.eval import speed
 from blockpruner.export import materialize
 from blockpruner.search.greedy import write_step
 
-from .test_export import one_thread, prepared_tiny, step_record  # noqa: F401  (one_thread: autouse fixture)
+from .test_export import prepared_tiny, step_record
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STATS = {"path", "params", "kv_bytes_per_token", "prefill_s", "gen_mean_s", "gen_median_s", "tokens_per_s",
          "peak_mem_bytes", "peak_mem_kind"}

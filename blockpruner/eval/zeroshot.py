@@ -81,7 +81,7 @@ def task_manager(local_data: str | Path | None):
 def load_tasks(names: list[str], local_data: str | Path | None) -> dict:
     """{standard name: lm-eval Task} with each task's data already read (before any model load)."""
     if local_data is not None and not Path(local_data).expanduser().is_dir():
-        raise UserError(f"local eval data folder not found: {local_data}; check eval.tasks.local_data / --local-data")
+        raise UserError(f"local eval data folder not found: {local_data}; check evaluate.tasks.local_data / --local-data")
     tm = task_manager(local_data)
     wanted = {name: TASKS[name].local if local_data is not None else TASKS[name].hub for name in names}
     try:
@@ -89,13 +89,13 @@ def load_tasks(names: list[str], local_data: str | Path | None) -> dict:
     except (FileNotFoundError, ValueError) as e:
         if local_data is None:
             raise
-        raise UserError(f"{e}; check --local-data / eval.tasks.local_data ({local_data}): it should hold piqa/, "
+        raise UserError(f"{e}; check --local-data / evaluate.tasks.local_data ({local_data}): it should hold piqa/, "
                         "winogrande/, arc/, openbookqa/, hellaswag/ as in ../shared/data/evals") from None
     except Exception as e:  # network / Hub failures while the built-in tasks download
         if local_data is not None:
             raise
         raise UserError(f"cannot load the Hub data of tasks {', '.join(names)} ({e.__class__.__name__}); offline, "
-                        "point at a local copy with --local-data DIR (config key eval.tasks.local_data)") from None
+                        "point at a local copy with --local-data DIR (config key evaluate.tasks.local_data)") from None
     return {name: loaded[task] for name, task in wanted.items()}
 
 
