@@ -312,7 +312,7 @@ def test_summarize_picks_paper_metric():
                     "winogrande_local": {"acc,none": 0.55, "acc_stderr,none": 0.03}},
         "n-samples": {"piqa_local": {"original": 1838, "effective": 5}, "winogrande_local": {"original": 1267, "effective": 5}},
     }
-    s = zeroshot.summarize(["piqa", "winogrande"], {"piqa": T("piqa_local"), "winogrande": T("winogrande_local")}, results)
+    s = zeroshot.task_figures(["piqa", "winogrande"], {"piqa": T("piqa_local"), "winogrande": T("winogrande_local")}, results)
     assert s["piqa"] == {"task": "piqa_local", "metric": "acc_norm", "value": 0.7, "acc": 0.6, "acc_norm": 0.7,
                          "stderr": 0.01, "n": 5}
     assert s["winogrande"]["metric"] == "acc" and s["winogrande"]["value"] == 0.55 and s["winogrande"]["acc_norm"] is None

@@ -488,6 +488,47 @@ def test_sharded_search_equals_unsharded(tmp_path, monkeypatch):
     assert "Nothing to be done" in p.stdout + p.stderr
 
 
+def test_study_killed_during_step_2_resumes_there_after_unlock(tmp_path, monkeypatch):
+    """kill -9 of Snakemake and its jobs while step 2 of a 3-step search runs: the next run is
+    refused until `snakemake --unlock` (as the README says), then it runs steps 2 and 3 only,
+    leaves step_1.json untouched and ends with the artifacts of an uninterrupted search."""
+    from blockpruner.cli import main
+
+    main_dir, cfg = tiny_study(tmp_path, "killed", lambda c: (c["search"].update(max_k=3), c["prunings"].update(k=[3])))
+    steps = main_dir / "results/search/tiny/c/blockpruner"
+    step2_log = main_dir / "logs/search_step/tiny/c/blockpruner/step_2.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAKEMAKE")}
+    proc = subprocess.Popen([*SNAKEMAKE, "--cores", "1", "--resources", "gpu=0", "--configfile", cfg], cwd=main_dir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.time() + 600
+    while not step2_log.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, 9)  # Snakemake and the step-2 job with it
+    proc.wait()
+    assert step2_log.exists(), "step 2 never started"
+    assert (steps / "step_1.json").exists() and not (steps / "step_2.json").exists()
+    step1 = (steps / "step_1.json").read_bytes(), (steps / "step_1.json").stat().st_mtime_ns
+
+    p = run_snakemake(main_dir, "--cores", "1", "--resources", "gpu=0", "--configfile", cfg, check=False)
+    assert p.returncode != 0 and "cannot be locked" in p.stdout + p.stderr
+    run_snakemake(main_dir, "--unlock", "--configfile", cfg)
+    p = run_snakemake(main_dir, "--cores", "2", "--resources", "gpu=0", "--configfile", cfg, timeout=900)
+    assert job_stats(p.stdout + p.stderr)["search_step"] == 2  # steps 2 and 3, not step 1
+    assert ((steps / "step_1.json").read_bytes(), (steps / "step_1.json").stat().st_mtime_ns) == step1
+
+    monkeypatch.chdir(main_dir)  # the uninterrupted search, with the workflow's relative paths
+    ref = tmp_path / "ref"
+    for k in (1, 2, 3):
+        prev = ["--prev", str(ref / f"step_{k - 1}.json")] if k > 1 else []
+        assert main(["step", "--model", "results/models/tiny", "--calib", "results/calib/tiny/c", "--k", str(k), *prev,
+                     "--device", "cpu", "--no-progress", "--out", str(ref / f"step_{k}.json")]) == 0
+    for k in (1, 2, 3):
+        a, b = json.loads((steps / f"step_{k}.json").read_text()), json.loads((ref / f"step_{k}.json").read_text())
+        for rec in (a, b):
+            rec.pop("timing"), rec.pop("checksum"), rec["inputs"].pop("previous_step")
+        assert a == b, k
+
+
 def test_screened_method_runs_the_screened_step_and_refuses_shards(fresh):
     def screened(c):
         c["methods"]["fast"] = {"algorithm": "blockpruner", "screen": {"windows": 2, "confirm_top": 4}}

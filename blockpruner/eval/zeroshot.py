@@ -103,7 +103,7 @@ def _number(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
-def summarize(names: list[str], tasks: dict, results: dict) -> dict:
+def task_figures(names: list[str], tasks: dict, results: dict) -> dict:
     """Per-task figures from simple_evaluate's output, keyed by standard name."""
     out = {}
     for name in names:
@@ -152,7 +152,7 @@ def run_tasks(model_dir: str | Path, tasks: str | list[str], local_data: str | P
     # the tasks go in built; an empty TaskManager keeps simple_evaluate from indexing every task again
     results = lm_eval.simple_evaluate(model=lm, tasks=[loaded[n] for n in names], num_fewshot=num_fewshot, limit=limit,
                                       task_manager=TaskManager(include_defaults=False), log_samples=False)
-    per_task = summarize(names, loaded, results)
+    per_task = task_figures(names, loaded, results)
     return {
         "model": str(model_dir),
         "model_hash": manifest["content_hash"],

@@ -26,7 +26,7 @@ rule analyze_study:
     log:
         "logs/analyze_study/{analysis}.log",
     benchmark:
-        "logs/benchmarks/analyze_study/{analysis}.tsv"
+        "logs/timing/analyze_study/{analysis}.tsv"
     conda:
         CONDA_ENV
     threads: rule_resources("analyze_study")["threads"]
@@ -58,7 +58,7 @@ rule analyze_bi:
     log:
         "logs/analyze_bi/{model}/{calib}.log",
     benchmark:
-        "logs/benchmarks/analyze_bi/{model}/{calib}.tsv"
+        "logs/timing/analyze_bi/{model}/{calib}.tsv"
     conda:
         CONDA_ENV
     threads: rule_resources("analyze_bi")["threads"]

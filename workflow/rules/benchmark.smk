@@ -28,7 +28,7 @@ rule benchmark_search:
     log:
         "logs/benchmark_search/{model}/{calib}.log",
     benchmark:
-        "logs/benchmarks/benchmark_search/{model}/{calib}.tsv"
+        "logs/timing/benchmark_search/{model}/{calib}.tsv"
     conda:
         CONDA_ENV
     threads: rule_resources("benchmark_search")["threads"]

@@ -27,7 +27,7 @@ rule sample_calibration:
     log:
         "logs/sample_calibration/{model}/{calib}.log",
     benchmark:
-        "logs/benchmarks/sample_calibration/{model}/{calib}.tsv"
+        "logs/timing/sample_calibration/{model}/{calib}.tsv"
     conda:
         CONDA_ENV
     threads: rule_resources("sample_calibration")["threads"]

@@ -21,7 +21,7 @@ rule eval_perplexity:
     log:
         "logs/eval_perplexity/{model}/{variant}.log",
     benchmark:
-        "logs/benchmarks/eval_perplexity/{model}/{variant}.tsv"
+        "logs/timing/eval_perplexity/{model}/{variant}.tsv"
     conda:
         CONDA_ENV
     threads: rule_resources("eval_perplexity")["threads"]
@@ -51,7 +51,7 @@ rule eval_tasks:
     log:
         "logs/eval_tasks/{model}/{variant}.log",
     benchmark:
-        "logs/benchmarks/eval_tasks/{model}/{variant}.tsv"
+        "logs/timing/eval_tasks/{model}/{variant}.tsv"
     conda:
         CONDA_ENV
     threads: rule_resources("eval_tasks")["threads"]
@@ -82,7 +82,7 @@ rule measure_speed:
     log:
         "logs/measure_speed/{model}/{variant}.log",
     benchmark:
-        "logs/benchmarks/measure_speed/{model}/{variant}.tsv"
+        "logs/timing/measure_speed/{model}/{variant}.tsv"
     conda:
         CONDA_ENV
     threads: rule_resources("measure_speed")["threads"]

@@ -16,7 +16,7 @@ rule prepare_model:
     log:
         "logs/prepare_model/{model}.log",
     benchmark:
-        "logs/benchmarks/prepare_model/{model}.tsv"
+        "logs/timing/prepare_model/{model}.tsv"
     conda:
         CONDA_ENV
     threads: rule_resources("prepare_model")["threads"]

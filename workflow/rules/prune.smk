@@ -23,7 +23,7 @@ rule materialize_model:
     log:
         "logs/materialize_model/{model}/{calib}/{method}/{pruning}.log",
     benchmark:
-        "logs/benchmarks/materialize_model/{model}/{calib}/{method}/{pruning}.tsv"
+        "logs/timing/materialize_model/{model}/{calib}/{method}/{pruning}.tsv"
     conda:
         CONDA_ENV
     threads: rule_resources("materialize_model")["threads"]

@@ -25,7 +25,7 @@ rule search_step:
     log:
         "logs/search_step/{model}/{calib}/{method}/step_{k}.log",
     benchmark:
-        "logs/benchmarks/search_step/{model}/{calib}/{method}/step_{k}.tsv"
+        "logs/timing/search_step/{model}/{calib}/{method}/step_{k}.tsv"
     conda:
         CONDA_ENV
     threads: rule_resources("search_step")["threads"]
@@ -58,7 +58,7 @@ rule search_shard:
     log:
         "logs/search_shard/{model}/{calib}/{method}/step_{k}.shard{shard}of{nshards}.log",
     benchmark:
-        "logs/benchmarks/search_shard/{model}/{calib}/{method}/step_{k}.shard{shard}of{nshards}.tsv"
+        "logs/timing/search_shard/{model}/{calib}/{method}/step_{k}.shard{shard}of{nshards}.tsv"
     conda:
         CONDA_ENV
     threads: rule_resources("search_step")["threads"]
@@ -85,7 +85,7 @@ rule gather_step:
     log:
         "logs/gather_step/{model}/{calib}/{method}/step_{k}.log",
     benchmark:
-        "logs/benchmarks/gather_step/{model}/{calib}/{method}/step_{k}.tsv"
+        "logs/timing/gather_step/{model}/{calib}/{method}/step_{k}.tsv"
     conda:
         CONDA_ENV
     threads: rule_resources("search_step")["threads"]
@@ -112,7 +112,7 @@ rule tabulate_search:
     log:
         "logs/tabulate_search/{model}/{calib}/{method}.log",
     benchmark:
-        "logs/benchmarks/tabulate_search/{model}/{calib}/{method}.tsv"
+        "logs/timing/tabulate_search/{model}/{calib}/{method}.tsv"
     conda:
         CONDA_ENV
     threads: rule_resources("tabulate_search")["threads"]

@@ -23,7 +23,7 @@ rule summarize:
     log:
         "logs/summarize.log",
     benchmark:
-        "logs/benchmarks/summarize.tsv"
+        "logs/timing/summarize.tsv"
     conda:
         CONDA_ENV
     threads: rule_resources("summarize")["threads"]
