@@ -38,7 +38,7 @@ def load_wikitext_rows(data: str, hub_config: str | None = "wikitext-2-raw-v1", 
     if is_local(data):
         path = Path(data).expanduser()
         if not path.is_file():
-            raise UserError(f"WikiText file not found: {data}; check eval.wikitext.path / --data")
+            raise UserError(f"WikiText file not found: {data}; check evaluate.perplexity.path / --data")
         records = read_local(path)
         rows = []
         for r in records:
@@ -57,7 +57,7 @@ def load_wikitext_rows(data: str, hub_config: str | None = "wikitext-2-raw-v1", 
     except Exception as e:  # network, unknown id, missing config
         raise UserError(
             f"cannot load hub data set {data!r} ({e.__class__.__name__}); offline, point the WikiText source at a "
-            "local copy, e.g. test.rows.jsonl (config key eval.wikitext.path, CLI --data PATH)"
+            "local copy, e.g. test.rows.jsonl (config key evaluate.perplexity.path, CLI --data PATH)"
         ) from None
     if "text" not in ds.column_names:
         raise UserError(f"hub data set {data!r} has no 'text' column (columns: {ds.column_names}); give a WikiText copy")
