@@ -124,7 +124,7 @@ def test_hub_rows_and_offline_error(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(UserError, match=r"eval\.wikitext\.path.*--data"):
+    with pytest.raises(UserError, match=r"evaluate\.perplexity\.path.*--data"):
         wikitext.load_wikitext_rows("wikitext", "wikitext-2-raw-v1", "test")
 
 
