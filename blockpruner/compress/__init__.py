@@ -1,0 +1,1 @@
+"""Compression methods that rewrite the model instead of removing blocks (SliceGPT, LaCo)."""
