@@ -1,0 +1,1 @@
+"""Training-free compensation of removed blocks, folded into kept blocks' weights (fit, fold, export)."""
