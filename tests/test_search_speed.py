@@ -204,14 +204,16 @@ def test_screened_mode_is_recorded_and_never_mixed_with_exact(trained, tmp_path)
     settings = StepSettings.make(screen_windows=2, confirm_top=3)
     rec = search_step(pm, wins, 1, [], settings, {"model_hash": "m", "calibration_hash": "c"}, progress=False)
     assert rec["settings"] == {"method": "blockpruner", "metric": "ppl", "candidates": "all", "mode": "screened",
-                               "screen_windows": 2, "confirm_top": 3, "bi_candidates": None}
+                               "screen_windows": 2, "confirm_top": 3, "bi_candidates": None, "head_bound_columns": 4096,
+                               "numerics": "fp32"}
     status = [s["status"] for s in rec["scores"]]
     assert status.count("screened") == len(pm.names) - 3 and rec["scores"][0]["status"] == "done"
     screened = [s for s in rec["scores"] if s["status"] == "screened"]
     assert all(s["windows"] == 2 and s["ppl"] is None for s in screened)
     assert rec["search"]["mode"] == "screened" and len(rec["search"]["confirmed"]) == 3
     exact = search_step(pm, wins, 1, [], StepSettings(), {"model_hash": "m", "calibration_hash": "c"}, progress=False)
-    assert exact["settings"] == {"method": "blockpruner", "metric": "ppl", "candidates": "all", "mode": "exact"}
+    assert exact["settings"] == {"method": "blockpruner", "metric": "ppl", "candidates": "all", "mode": "exact",
+                                 "head_bound_columns": 4096, "numerics": "fp32"}
     write_step(tmp_path / "screened.json", rec)
     write_step(tmp_path / "exact.json", exact)
     with pytest.raises(UserError, match="made with settings"):
@@ -222,6 +224,8 @@ def test_screened_mode_is_recorded_and_never_mixed_with_exact(trained, tmp_path)
         load_previous(tmp_path / "screened.json", 2, "m", "c", StepSettings.make(screen_windows=2, confirm_top=4))
     assert load_previous(tmp_path / "screened.json", 2, "m", "c", settings)[0] == rec["removed"]
     assert load_previous(tmp_path / "exact.json", 2, "m", "c", StepSettings())[0] == exact["removed"]
+    # the head bound's size is recorded but never decides the result: a step may continue another size
+    assert load_previous(tmp_path / "exact.json", 2, "m", "c", StepSettings(head_bound_columns=0))[0] == exact["removed"]
 
 
 def test_screened_settings_are_checked():
@@ -276,7 +280,8 @@ def test_cost_and_flops_match_a_hand_count():
     assert cost.block_forwards == 1 + 2 + 3 + 4
     assert cost.head_tokens == 4 * (t - 1)
     assert cost.flops == (1 + 3) * a_flops + (2 + 4) * m_flops + 4 * 2 * h * vocab * (t - 1)
-    assert cost.as_dict() == {"block_forwards": 10, "head_tokens": 44, "window_passes": 1, "flops": cost.flops}
+    assert cost.as_dict() == {"block_forwards": 10, "head_tokens": 44, "window_passes": 1, "flops": cost.flops,
+                              "bound_columns": 0}
     rec = search_step(pm, windows(n=1, t=t), 1, [], StepSettings(), {}, progress=False, early_stop=False)
     assert rec["cost"] == cost.as_dict()
 
@@ -299,17 +304,19 @@ def test_benchmark_runs_on_tiny(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     res = bench.main(["--tiny", "--layers", "4", "--hidden", "32", "--vocab", "64", "--windows", "4", "--seqlen", "12",
-                      "--k", "2", "--methods", "plain,prefix,exact,screened", "--screen-windows", "1",
-                      "--confirm-top", "2"])
+                      "--k", "2", "--methods", "plain,prefix,exact,bounded,screened", "--screen-windows", "1",
+                      "--confirm-top", "2", "--head-bound-columns", "8"])
     out = capsys.readouterr().out
     m = res["methods"]
-    assert m["exact"]["sequence"] == m["prefix"]["sequence"] == m["plain"]["sequence"]
-    assert m["exact"]["equals_plain"] and len(m["screened"]["sequence"]) == 2
+    assert m["exact"]["sequence"] == m["prefix"]["sequence"] == m["bounded"]["sequence"] == m["plain"]["sequence"]
+    assert m["exact"]["equals_plain"] and m["bounded"]["equals_plain"] and res["exact_methods_equal_plain"]
+    assert m["bounded"]["bound_columns"] > 0 and m["exact"]["bound_columns"] == m["plain"]["bound_columns"] == 0
+    assert len(m["screened"]["sequence"]) == 2
     assert m["prefix"]["fewer_block_forwards"] > 1.2 and m["screened"]["fewer_head_tokens"] > 1
     assert m["plain"]["head_tokens"] == (8 + 7) * 4 * 11
     for name in m:
         assert f"| {name} |" in out
-    assert "predicted" in out and "measured" in out
+    assert "predicted" in out and "measured" in out and "bounded vs exact" in out
 
 
 def test_benchmark_cli_writes_json_and_table(tmp_path, capsys):

@@ -6,13 +6,16 @@ change in machine load hits all of them alike):
   plain     the reference, written out here: for every candidate, remove it, run the full
             forward (the model's own decoder forward + LM head) over every window, restore.
   prefix    (optional) the scoring engine with prefix reuse only, no early stopping.
-  exact     `search_step` as `blockpruner step` runs it: prefix reuse + exact early stopping
-            seeded by the previous step's ranking. Must give plain greedy's sequence.
+  exact     `search_step` with prefix reuse + exact early stopping seeded by the previous
+            step's ranking, without the head bound (--head-bound-columns 0). Must give plain
+            greedy's sequence.
+  bounded   `search_step` as `blockpruner step` runs it: `exact` plus the head bound (N LM-head
+            columns per window, `--head-bound-columns`). Must give plain greedy's sequence.
   screened  `search_step` in screened mode (--screen-windows S --confirm-top M
             [--candidates-by-bi R]); approximate, its agreement with `exact` is reported.
 
 Printed per method: removal sequence and whether it equals plain greedy's, block forwards,
-LM-head tokens, FLOPs (`scoring.FlopModel`), the FLOP-model predicted speed-up over plain
+full LM-head tokens, head-bound token-columns, FLOPs (`scoring.FlopModel`), the FLOP-model predicted speed-up over plain
 greedy, the measured wall-time (and CPU-time) speed-up, their ratio, and peak memory (RSS
 sampled during each method's steps on CPU; torch.cuda.max_memory_allocated on GPU).
 
@@ -40,9 +43,10 @@ from ..blocks import PrunableModel
 from ..errors import UserError
 from ..eval.speed import RssSampler
 from ..search.greedy import StepSettings, candidate_blocks, search_step
-from ..search.scoring import Cost, head_nll
+from ..search.scoring import HEAD_BOUND_COLUMNS, Cost, head_nll
 
-METHODS = ("plain", "prefix", "exact", "screened")
+METHODS = ("plain", "prefix", "exact", "bounded", "screened")
+EXACT_METHODS = ("prefix", "exact", "bounded")  # must choose plain greedy's sequence
 
 
 # ------------------------------------------------------------------------ the reference
@@ -122,6 +126,7 @@ class Method:
         self.peak = 0
         self.working = 0  # peak minus the memory in use when the step started
         self.stopped = 0
+        self.bounded = 0
         self.steps: list[dict] = []  # per step: block, wall_s, cpu_s, cost
 
     def step(self, pm: PrunableModel, windows, k: int, device: torch.device) -> None:
@@ -134,6 +139,7 @@ class Method:
                                   early_stop=self.early_stop)
                 self.cost += Cost.from_dict(rec["cost"])
                 self.stopped += sum(s["status"] == "stopped" for s in rec["scores"])
+                self.bounded += sum(s["status"] == "bounded" for s in rec["scores"])
                 self.prev, block = rec, rec["removed_block"]
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -144,19 +150,25 @@ class Method:
         now = self.cost.as_dict()
         self.steps.append({"k": k, "block": block, "wall_s": wall, "cpu_s": cpu, "cost_so_far": now,
                            "block_forwards": now["block_forwards"] - before["block_forwards"],
-                           "head_tokens": now["head_tokens"] - before["head_tokens"]})
+                           "head_tokens": now["head_tokens"] - before["head_tokens"],
+                           "bound_columns": now["bound_columns"] - before["bound_columns"]})
         self.peak = max(self.peak, mem.peak)
         self.working = max(self.working, mem.peak - mem.start)
         self.removed = self.removed + [block]
 
 
-def run(pm: PrunableModel, windows, k: int, methods=("plain", "exact", "screened"), screen_windows: int = 2,
-        confirm_top: int = 4, bi_candidates: int | None = None, log=print) -> dict:
+def run(pm: PrunableModel, windows, k: int, methods=("plain", "exact", "bounded", "screened"), screen_windows: int = 2,
+        confirm_top: int = 4, bi_candidates: int | None = None, head_bound_columns: int = HEAD_BOUND_COLUMNS,
+        log=print) -> dict:
     """Run the methods step by step (interleaved) and return their figures."""
     device = next(pm.model.parameters()).device
-    screened = StepSettings.make(screen_windows=screen_windows, confirm_top=confirm_top, bi_candidates=bi_candidates)
-    make = {"plain": lambda: Method("plain"), "prefix": lambda: Method("prefix", StepSettings(), early_stop=False),
-            "exact": lambda: Method("exact", StepSettings()), "screened": lambda: Method("screened", screened)}
+    screened = StepSettings.make(screen_windows=screen_windows, confirm_top=confirm_top, bi_candidates=bi_candidates,
+                                 head_bound_columns=head_bound_columns)
+    make = {"plain": lambda: Method("plain"),
+            "prefix": lambda: Method("prefix", StepSettings(head_bound_columns=0), early_stop=False),
+            "exact": lambda: Method("exact", StepSettings(head_bound_columns=0)),
+            "bounded": lambda: Method("bounded", StepSettings(head_bound_columns=head_bound_columns)),
+            "screened": lambda: Method("screened", screened)}
     ms = [make[m]() for m in methods]
     with torch.no_grad():  # warm-up: one full forward (logits included), so that no method pays the first-call
         # overheads or for paging in memory-mapped weights (the LM head / embedding matrix above all)
@@ -166,17 +178,20 @@ def run(pm: PrunableModel, windows, k: int, methods=("plain", "exact", "screened
             m.step(pm, windows, step, device)
             st = m.steps[-1]
             log(f"  step {step} {m.name:9s} -> {m.removed[-1]:8s} {st['wall_s']:8.1f} s wall {st['cpu_s']:8.1f} s CPU "
-                f"{st['block_forwards']:7d} block fwd {st['head_tokens']:7d} head tokens")
+                f"{st['block_forwards']:7d} block fwd {st['head_tokens']:7d} head tokens "
+                f"{st['bound_columns']:10d} bound columns")
     pm.set_removed([])
     by = {m.name: m for m in ms}
     ref = by.get("plain")
     exact = by.get("exact")
     out = {"k": k, "windows": len(windows), "tokens": int(sum(len(w) for w in windows)), "device": str(device),
-           "threads": torch.get_num_threads(), "blocks": len(pm.names), "methods": {}}
+           "threads": torch.get_num_threads(), "blocks": len(pm.names), "head_bound_columns": head_bound_columns,
+           "methods": {}}
     for m in ms:
         r = {"sequence": m.removed, "block_forwards": m.cost.block_forwards, "head_tokens": m.cost.head_tokens,
-             "flops": m.cost.flops, "wall_s": m.wall, "cpu_s": m.cpu, "peak_mem_bytes": m.peak,
-             "working_mem_bytes": m.working, "stopped_candidates": m.stopped, "steps": m.steps,
+             "bound_columns": m.cost.bound_columns, "flops": m.cost.flops, "wall_s": m.wall, "cpu_s": m.cpu,
+             "peak_mem_bytes": m.peak, "working_mem_bytes": m.working, "stopped_candidates": m.stopped,
+             "bounded_candidates": m.bounded, "steps": m.steps,
              "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_sampled"}
         if ref is not None:
             r["equals_plain"] = m.removed == ref.removed
@@ -188,25 +203,38 @@ def run(pm: PrunableModel, windows, k: int, methods=("plain", "exact", "screened
             r["measured_over_predicted"] = r["measured_speedup"] / r["predicted_speedup"]
         if exact is not None and m is not exact:
             r["agrees_with_exact"] = sum(a == b for a, b in zip(m.removed, exact.removed))
+            r["fewer_head_tokens_than_exact"] = exact.cost.head_tokens / max(m.cost.head_tokens, 1)
+            r["faster_than_exact"] = exact.wall / m.wall
         out["methods"][m.name] = r
+    exacts = [by[n] for n in EXACT_METHODS if n in by]
+    if ref is not None and exacts:  # every exact method must choose plain greedy's sequence
+        out["exact_methods_equal_plain"] = all(m.removed == ref.removed for m in exacts)
     out["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
 
 
 def table(res: dict) -> str:
     """The figures as a Markdown table."""
-    head = ("| method | removal sequence | = plain | steps = exact | block fwd | fewer × | head tokens | fewer × | GFLOP "
-            "| predicted × | measured wall × | wall / pred. | CPU-time × | wall s | peak mem MiB (+working) |")
-    lines = [head, "|" + "---|" * 15]
+    head = ("| method | removal sequence | = plain | steps = exact | block fwd | fewer × | head tokens | fewer × "
+            "| bound columns | cut by bound | GFLOP | predicted × | measured wall × | wall / pred. | CPU-time × | wall s "
+            "| peak mem MiB (+working) |")
+    lines = [head, "|" + "---|" * 17]
     for name, r in res["methods"].items():
         f = lambda key, fmt="{:.2f}": fmt.format(r[key]) if key in r else "–"  # noqa: E731
         eq = ("yes" if r["equals_plain"] else "no") if "equals_plain" in r else "–"
         agree = f"{r['agrees_with_exact']}/{res['k']}" if "agrees_with_exact" in r else "–"
         lines.append(
             f"| {name} | {', '.join(r['sequence'])} | {eq} | {agree} | {r['block_forwards']} | {f('fewer_block_forwards')} | "
-            f"{r['head_tokens']} | {f('fewer_head_tokens')} | {r['flops'] / 1e9:.1f} | {f('predicted_speedup')} | "
+            f"{r['head_tokens']} | {f('fewer_head_tokens')} | {r['bound_columns']} | {r['bounded_candidates']} | "
+            f"{r['flops'] / 1e9:.1f} | {f('predicted_speedup')} | "
             f"{f('measured_speedup')} | {f('measured_over_predicted')} | {f('measured_cpu_speedup')} | {r['wall_s']:.1f} | "
             f"{r['peak_mem_bytes'] / 2**20:.0f} (+{r['working_mem_bytes'] / 2**20:.0f}) |")
+    if "bounded" in res["methods"] and "exact" in res["methods"]:
+        b = res["methods"]["bounded"]
+        lines.append(f"\nbounded vs exact: {b['fewer_head_tokens_than_exact']:.2f}x fewer full-head tokens, "
+                     f"{b['faster_than_exact']:.2f}x wall time")
+    if "exact_methods_equal_plain" in res:
+        lines.append(f"every exact method chose plain greedy's sequence: {'yes' if res['exact_methods_equal_plain'] else 'NO'}")
     return "\n".join(lines)
 
 
@@ -281,7 +309,7 @@ def run_cli(a: argparse.Namespace) -> dict:
     pm = PrunableModel.wrap(model)
     print(f"{what}; {len(windows)} windows, {sum(len(w) for w in windows)} tokens; K={a.k}; device {device}, "
           f"{torch.get_num_threads()} thread(s); methods {', '.join(methods)}", flush=True)
-    res = run(pm, windows, a.k, methods, a.screen_windows, a.confirm_top, a.candidates_by_bi,
+    res = run(pm, windows, a.k, methods, a.screen_windows, a.confirm_top, a.candidates_by_bi, a.head_bound_columns,
               log=lambda s: print(s, flush=True))
     res["model"] = what
     res["args"] = {k: v for k, v in vars(a).items() if k != "func"}

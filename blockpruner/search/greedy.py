@@ -15,6 +15,10 @@ By default they stop losers early (`scoring.score_exact`): the candidate ranked 
 the previous step (`prev`) is scored first and its total bounds the others; a candidate
 whose running NLL exceeds it is recorded with status "stopped" and its partial NLL. The
 chosen block and every finished NLL are those of scoring everything (`early_stop=False`).
+With early stopping, the head bound (`head_bound_columns` N, default
+`scoring.HEAD_BOUND_COLUMNS`; 0 = off) first cuts candidates whose exact NLL so far plus a
+lower bound from N LM-head columns per window already exceeds the seed's total (status
+"bounded"): same choice and finished NLLs, much less of the LM head.
 
 Sharded steps: `shard=(i, n)` scores only candidates i, i+n, i+2n, ... of the tie-ordered
 candidate list (plus the seed, which every shard scores to get the same bound) and returns
@@ -45,13 +49,15 @@ from .. import __version__
 from ..artifacts import read_json, write_json
 from ..blocks import PrunableModel, block_names, parse_block, tie_order
 from ..errors import UserError
-from .scoring import Cost, Score, layer_influence, perplexity_of, rank, score_candidates, score_exact
+from ..numerics import Numerics
+from .scoring import HEAD_BOUND_COLUMNS, Cost, Score, layer_influence, perplexity_of, rank, score_candidates, score_exact
 
 FORMAT = "blockpruner.step/1"
 SHARD_FORMAT = "blockpruner.step-shard/1"
 CANDIDATE_SETS = ("all", "attn", "mlp")
 MODES = ("exact", "screened")
 SCREEN_FIELDS = ("screen_windows", "confirm_top", "bi_candidates")
+NOT_COMPARED = ("head_bound_columns",)  # recorded, but a step may continue one made with another value
 log = logging.getLogger("blockpruner.search")
 
 
@@ -60,7 +66,8 @@ class StepSettings:
     """Everything besides the inputs that decides a step's result (recorded and compared).
 
     Early stopping and sharding are not settings: they never change the chosen block or a
-    finished score.
+    finished score. The head bound does not either; its size is recorded (it decides which
+    losers are "bounded") but not compared by `load_previous`.
     """
 
     method: str = "blockpruner"
@@ -70,6 +77,8 @@ class StepSettings:
     screen_windows: int | None = None  # screened: score every candidate on the first S windows
     confirm_top: int | None = None  # screened: finish the best M of them on all windows
     bi_candidates: int | None = None  # screened: only the R blocks whose layers have the lowest BI
+    head_bound_columns: int = HEAD_BOUND_COLUMNS  # LM-head columns per window of the head bound; 0 = off
+    numerics: str = "fp32"  # fp32 | official-bf16 (blockpruner.numerics)
 
     @classmethod
     def make(cls, candidates: str = "all", screen_windows: int | None = None, confirm_top: int | None = None,
@@ -94,15 +103,25 @@ class StepSettings:
         for f, v in given.items():
             if not isinstance(v, int) or v < 1:
                 raise UserError(f"{f} must be a positive integer, got {v!r}")
+        Numerics(self.numerics)  # refuses an unknown mode
+        if not isinstance(self.head_bound_columns, int) or self.head_bound_columns < 0:
+            raise UserError(f"head_bound_columns must be an integer >= 0 (0 = off), got {self.head_bound_columns!r}")
 
     def as_dict(self) -> dict:
-        """What the step records (and `load_previous` compares); exact steps omit the screening fields."""
+        """What the step records; exact steps omit the screening fields, other methods than
+        blockpruner (the baselines) the head bound, which they do not use."""
         d = asdict(self)
         if self.mode == "exact":
             for f in SCREEN_FIELDS:
                 if d[f] is None:
                     del d[f]
+        if self.method != "blockpruner":
+            del d["head_bound_columns"]
         return d
+
+    def compared(self) -> dict:
+        """What `load_previous` compares: the recorded settings that decide the result."""
+        return {k: v for k, v in self.as_dict().items() if k not in NOT_COMPARED}
 
 
 def candidate_blocks(num_layers: int, removed: list[str], candidates: str) -> list[str]:
@@ -131,8 +150,9 @@ def load_previous(prev: str | Path | None, k: int, model_hash: str, calib_hash: 
         raise UserError(f"{prev}: stale, made for another model (content hash differs); delete it and rerun the search")
     if step["inputs"]["calibration_hash"] != calib_hash:
         raise UserError(f"{prev}: stale, made with other calibration data; delete it and rerun the search")
-    if step["settings"] != settings.as_dict():
-        raise UserError(f"{prev}: made with settings {step['settings']}, not {settings.as_dict()}; use a separate output folder")
+    made = {"numerics": "fp32"} | {key: v for key, v in step["settings"].items() if key not in NOT_COMPARED}
+    if made != settings.compared():
+        raise UserError(f"{prev}: made with settings {made}, not {settings.compared()}; use a separate output folder")
     return list(step["removed"]), step
 
 
@@ -180,7 +200,8 @@ def _screened(pm: PrunableModel, windows, cands: list[str], settings: StepSettin
         info["block_influence"] = {str(i): v for i, v in bi.items()}
         info["bi_kept"] = cands
     if settings.screen_windows is None:
-        res = score_exact(pm, windows, cands, early_stop=early_stop, cost=cost, on_progress=on_progress)
+        res = score_exact(pm, windows, cands, early_stop=early_stop, head_bound=settings.head_bound_columns, cost=cost,
+                          on_progress=on_progress)
         return res.scores, info | res.info()
     s_win = min(settings.screen_windows, len(windows))
     screen = score_candidates(pm, windows[:s_win], cands, cost=cost, on_progress=on_progress)
@@ -189,7 +210,8 @@ def _screened(pm: PrunableModel, windows, cands: list[str], settings: StepSettin
     for b in order[settings.confirm_top:]:
         screen[b].status = "screened"
     res = score_exact(pm, windows[s_win:], sorted(kept, key=tie_order), prefer=kept, early_stop=early_stop,
-                      start={b: screen[b] for b in kept}, seed_from="screen", cost=cost, on_progress=on_progress)
+                      head_bound=settings.head_bound_columns, start={b: screen[b] for b in kept}, seed_from="screen",
+                      cost=cost, on_progress=on_progress)
     info["confirmed"] = kept
     return screen | res.scores, info | res.info()
 
@@ -216,8 +238,8 @@ def search_step(pm: PrunableModel, windows, k: int, removed: list[str], settings
     total = len(owned) * len(windows)
     with tqdm(total=total, desc=f"step {k}", unit="cand·win", disable=not progress) as bar:
         if settings.mode == "exact":
-            res = score_exact(pm, windows, cands, prefer=_prefer(prev), early_stop=early_stop, owned=owned, cost=cost,
-                              on_progress=bar.update)
+            res = score_exact(pm, windows, cands, prefer=_prefer(prev), early_stop=early_stop,
+                              head_bound=settings.head_bound_columns, owned=owned, cost=cost, on_progress=bar.update)
             scores, info = res.scores, res.info()
         else:
             scores, info = _screened(pm, windows, cands, settings, early_stop, cost, bar.update)
@@ -295,8 +317,9 @@ def _search_record(k: int, removed: list[str], ranked: list[Score], params: dict
                    info: dict, cost: Cost, timing: dict) -> dict:
     best = ranked[0]
     stopped = sum(s.status == "stopped" for s in ranked)
-    log.info("step %d: removed %s -> ppl %.4f (ratio %.2f%%); %d of %d candidates stopped early", k, best.block, best.ppl,
-             100 * params["ratio"], stopped, len(ranked))
+    bounded = sum(s.status == "bounded" for s in ranked)
+    log.info("step %d: removed %s -> ppl %.4f (ratio %.2f%%); of %d candidates %d stopped early, %d cut by the head bound",
+             k, best.block, best.ppl, 100 * params["ratio"], len(ranked), stopped, bounded)
     return step_record(k, removed, best.block, [best.block], best.nll_sum, best.tokens, params, [s.as_dict() for s in ranked],
                        settings, inputs, cost, timing, search=info)
 
@@ -394,13 +417,6 @@ def steps_to_ratio(steps: list[dict], ratio: float, key: str = "ratio") -> int:
             return step["k"]
     have = steps[-1]["params"][key] if steps else 0.0
     raise UserError(f"the {len(steps)} steps found reach ratio {have:.4f} < {ratio}; run more search steps")
-
-
-def nearest_k(steps: list[dict], ratio: float, key: str = "ratio") -> int:
-    """K whose ratio is closest to `ratio` (the paper's way of matching budgets across methods)."""
-    if not steps:
-        raise UserError("no search steps found")
-    return min(steps, key=lambda s: (abs(s["params"][key] - ratio), s["k"]))["k"]
 
 
 def finite(x: float) -> bool:

@@ -28,14 +28,26 @@ not tightened as other candidates finish), which makes every candidate's recorde
 function of that candidate and the seed only: a step split over shards (each scoring the
 seed itself) records bit-for-bit the scores of the unsharded step.
 
-`Cost` counts the work: block forwards (one block over one window), LM-head tokens, and
-FLOPs from `FlopModel`, an analytic count from the model's shapes.
+The head bound (`score_exact(head_bound=N)`). On a large vocabulary the LM head dominates:
+Gemma 3's is ~63% of the FLOPs. For a token with logits z and target y, NLL = LSE(z) - z_y
+and for any column set S holding y, LSE_S(z) <= LSE(z), so LSE_S(z) - z_y is a lower bound
+on the NLL from |S| columns only (`head_lower_bound`). Per window, S is the N columns with
+the most softmax mass summed over the window's positions under the seed (read off the
+seed's own head pass) plus the window's targets. A candidate whose exact NLL so far plus
+its lower bounds over the remaining windows exceeds the seed's total cannot win: it is cut
+(status "bounded") without its full head. The others' final-normed states are kept (within
+`BOUND_CACHE_BYTES`, else their blocks are run again) and finished with the full head
+exactly as without the bound, so every finished NLL is bit-for-bit the same.
+
+`Cost` counts the work: block forwards (one block over one window), LM-head tokens, bound
+token-columns, and FLOPs from `FlopModel`, an analytic count from the model's shapes.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
+from itertools import chain
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -73,6 +85,7 @@ class FlopModel:
     head_dim: int
     window: dict[int, int | None]  # layer -> sliding window (None: full causal)
     head_weights: int  # hidden x vocab
+    hidden: int = 0  # hidden size: a bound column costs 2 x hidden FLOPs per token
 
     @classmethod
     def of(cls, pm: PrunableModel) -> "FlopModel":
@@ -96,7 +109,8 @@ class FlopModel:
             else:
                 window[i] = sliding if (sliding and getattr(cfg, "use_sliding_window", True)) else None
         head = get_path(pm.model, pm.adapter.lm_head)
-        fm = cls(linear, heads, head_dim, window, int(head.weight.numel()))  # vocab x hidden (also non-Linear heads)
+        fm = cls(linear, heads, head_dim, window, int(head.weight.numel()),  # vocab x hidden (also non-Linear heads)
+                 int(head.weight.shape[-1]))
         _FLOP_MODELS[pm.model] = fm
         return fm
 
@@ -109,6 +123,10 @@ class FlopModel:
 
     def head(self, tokens: int) -> int:
         return 2 * self.head_weights * tokens
+
+    def bound(self, token_columns: int) -> int:
+        """The head bound: one hidden-size dot product per (token, column)."""
+        return 2 * self.hidden * token_columns
 
 
 _FLOP_MODELS: "weakref.WeakKeyDictionary[nn.Module, FlopModel]" = weakref.WeakKeyDictionary()
@@ -127,12 +145,14 @@ class WindowContext:
 
 @dataclass
 class Cost:
-    """Work done: block forwards (one block over one window), LM-head tokens, and FLOPs."""
+    """Work done: block forwards (one block over one window), full LM-head tokens, head-bound
+    token-columns (one token's logit for one column), and FLOPs."""
 
     block_forwards: int = 0
     head_tokens: int = 0
     windows: int = 0  # window passes (a window walked once for any number of candidates)
-    flops: int = 0  # `FlopModel` count of the block forwards and head tokens above
+    flops: int = 0  # `FlopModel` count of the block forwards, head tokens and bound columns
+    bound_columns: int = 0
 
     def add_block(self, pm: PrunableModel, name: str, tokens: int) -> None:
         self.block_forwards += 1
@@ -142,29 +162,36 @@ class Cost:
         self.head_tokens += tokens
         self.flops += FlopModel.of(pm).head(tokens)
 
+    def add_bound(self, pm: PrunableModel, token_columns: int) -> None:
+        self.bound_columns += token_columns
+        self.flops += FlopModel.of(pm).bound(token_columns)
+
     def __iadd__(self, other: "Cost") -> "Cost":
         self.block_forwards += other.block_forwards
         self.head_tokens += other.head_tokens
         self.windows += other.windows
         self.flops += other.flops
+        self.bound_columns += other.bound_columns
         return self
 
     def as_dict(self) -> dict:
         return {"block_forwards": self.block_forwards, "head_tokens": self.head_tokens, "window_passes": self.windows,
-                "flops": self.flops}
+                "flops": self.flops, "bound_columns": self.bound_columns}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Cost":
-        return cls(d["block_forwards"], d["head_tokens"], d["window_passes"], d.get("flops", 0))
+        return cls(d["block_forwards"], d["head_tokens"], d["window_passes"], d.get("flops", 0), d.get("bound_columns", 0))
 
 
 @dataclass
 class Score:
     """One candidate's result.
 
-    status: done | stopped (its running NLL exceeded the bound: it cannot win) | nonfinite |
-    screened (dropped by a screened step after its first windows). For a result that is not
-    `done`, nll_sum / tokens / windows are what was scored before it was dropped.
+    status: done | stopped (its running NLL exceeded the bound: it cannot win) | bounded (its
+    exact NLL so far plus the head bound's lower bound on the other windows, `lower_bound`,
+    exceeded the bound: it cannot win) | nonfinite | screened (dropped by a screened step after
+    its first windows). For a result that is not `done`, nll_sum / tokens / windows are what
+    was scored exactly before it was dropped.
     """
 
     block: str
@@ -172,6 +199,7 @@ class Score:
     tokens: int = 0
     status: str = "done"
     windows_done: int = 0
+    lower_bound: float | None = None  # bounded: a certified lower bound on its total NLL
 
     @property
     def ppl(self) -> float:
@@ -180,11 +208,13 @@ class Score:
     def as_dict(self) -> dict:
         d = {"block": self.block, "status": self.status, "windows": self.windows_done, "nll_sum": self.nll_sum, "tokens": self.tokens}
         d["ppl"] = self.ppl if self.status == "done" else None
+        if self.lower_bound is not None:
+            d["nll_lower_bound"] = self.lower_bound
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Score":
-        return cls(d["block"], d["nll_sum"], d["tokens"], d["status"], d["windows"])
+        return cls(d["block"], d["nll_sum"], d["tokens"], d["status"], d["windows"], d.get("nll_lower_bound"))
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -267,14 +297,20 @@ def head_chunk_tokens(vocab_size: int) -> int:
 
 
 def head_nll(pm: PrunableModel, hidden: torch.Tensor, input_ids: torch.Tensor, cost: Cost | None = None, *,
-             normed: bool = False, bound: float | None = None, before: float = 0.0) -> tuple[list[float], int]:
+             normed: bool = False, bound: float | None = None, before: float = 0.0,
+             mass: torch.Tensor | None = None) -> tuple[list[float], int]:
     """Summed next-token NLL per row of a (B, T) batch, and the label positions scored per row.
 
     `hidden` is the last residual state (final-normed already when `normed`). The LM head and
     any final logit soft-capping are applied exactly as the model's own forward, a chunk of
     positions at a time, each chunk's cross-entropy summed in float64. With `bound` (one row),
     scoring stops between chunks once `before` plus the running sum exceeds it: the rest can
-    only add to it.
+    only add to it. With `mass` (float32, [vocab]), each column's softmax probability summed
+    over the scored positions is added to it (the head bound's choice of columns).
+
+    With `pm.ignore_index` set (parity mode), labels equal to it count 0 and each row's sum is
+    scaled by positions / counted labels: for the official code's equal-length windows the
+    perplexity exp(sum / positions) is then exp(mean over windows of each window's mean).
     """
     if not normed:
         hidden = get_path(pm.model, pm.adapter.final_norm)(hidden)
@@ -285,13 +321,22 @@ def head_nll(pm: PrunableModel, hidden: torch.Tensor, input_ids: torch.Tensor, c
     b, t = labels.shape
     step = max(1, head_chunk_tokens(head.weight.shape[0]) // b)
     sums = torch.zeros(b, dtype=torch.float64, device=hidden.device)
+    counted = scale = None
+    if pm.ignore_index is not None:
+        counted = labels != pm.ignore_index
+        scale = t / counted.sum(dim=1).clamp(min=1).double()
     done = 0
     while done < t:
         logits = head(hidden[:, done : done + step]).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         nll = F.cross_entropy(logits.flatten(0, 1), labels[:, done : done + step].flatten(), reduction="none")
-        sums += nll.view(b, -1).double().sum(dim=1)
+        if mass is not None:
+            mass += torch.softmax(logits.flatten(0, 1), dim=-1).sum(dim=0).to(mass.device)
+        if counted is None:
+            sums += nll.view(b, -1).double().sum(dim=1)
+        else:
+            sums += (nll.view(b, -1) * counted[:, done : done + step]).double().sum(dim=1) * scale
         done += nll.numel() // b
         if cost is not None:
             cost.add_head(pm, nll.numel())
@@ -305,18 +350,122 @@ def perplexity_of(nll_sum: float, tokens: int) -> float:
     return math.exp(mean) if math.isfinite(mean) and mean < 700 else math.inf
 
 
+# ---------------------------------------------------------------------------- the head bound
+
+HEAD_BOUND_COLUMNS = 4096  # default N: columns per window besides the window's targets
+BOUND_CACHE_BYTES = 1 << 30  # final-normed states kept for the candidates the bound does not cut
+ROUNDING = {torch.float32: 0.0, torch.float64: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def bound_head(pm: PrunableModel) -> nn.Linear | None:
+    """The LM head if the bound can compute its logits column by column (a plain linear layer;
+    Baichuan's NormHead normalises its weight rows first, so it gets no bound)."""
+    head = get_path(pm.model, pm.adapter.lm_head)
+    return head if type(head) is nn.Linear else None
+
+
+def bound_columns(mass: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Sorted head columns for one (1, T) window: the `n` with the most `mass` (the seed's
+    softmax summed over the window) and every target of the window."""
+    top = torch.topk(mass, min(n, mass.numel())).indices
+    return torch.unique(torch.cat([top, ids[0, 1:].to(top.device)]))
+
+
+@dataclass
+class BoundWindow:
+    """One window's head-bound columns and their head rows (shared by every candidate)."""
+
+    columns: torch.Tensor  # sorted, every target of the window included
+    weight: torch.Tensor  # head rows of `columns`, float64
+    bias: torch.Tensor | None  # head bias of `columns`, float64
+    weight_norm: float  # largest Euclidean norm of those rows
+    bias_max: float  # largest |bias| of those columns (0 without a bias)
+
+    @classmethod
+    def of(cls, head: nn.Linear, columns: torch.Tensor) -> "BoundWindow":
+        w = head.weight[columns].double()
+        b = head.bias[columns].double() if head.bias is not None else None
+        return cls(columns, w, b, w.norm(dim=1).max().item(), b.abs().max().item() if b is not None else 0.0)
+
+
+def rounding_allowance(pm: PrunableModel, h: torch.Tensor, z: torch.Tensor, bw: BoundWindow) -> torch.Tensor:
+    """Per token: how far the full head's float NLL may fall below the exact value of the
+    bound's terms, so that the bound also holds for `head_nll`'s computed NLL.
+
+    `head_nll` computes the logits ẑ = z + δ in the model's float arithmetic; its NLL is
+    LSE(ẑ) - ẑ_y >= LSE_S(ẑ) - ẑ_y >= LSE_S(z) - z_y - 2 max_{j in S} |δ_j| (y in S). With
+    fp32 accumulation over K = hidden terms (+1 for a bias), |δ_j| <= γ_K (||h|| ||w_j|| + |b_j|)
+    (the dot-product error bound, Cauchy-Schwarz for sum |h_i w_ji|), γ_K = K u / (1 - K u),
+    u = 2^-24, plus 2 u_in where CUDA rounds fp32 inputs (TF32: u_in = 2^-11; bf16: 2^-8) and
+    the output's rounding u_out |z_j| in bf16 / fp16. Softcapping is 1-Lipschitz (its
+    derivative is sech^2 <= 1), so it does not enlarge δ. Last, 1e-6 (1 + max |g(z)|) covers
+    the float32 cross-entropy's and softcap's own rounding (a few ulps of the largest logit).
+    Where no such bound is small (half-precision reductions on CUDA), the allowance is
+    infinite: the bound is 0 and cuts nothing.
+    """
+    dtype = h.dtype
+    k = h.shape[-1] + (1 if bw.bias is not None else 0)
+    u, u_in = 2.0**-24, 0.0
+    zmax = z.abs().amax(dim=1)
+    if h.device.type == "cuda" and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        u_in = 2.0**-8 if torch.get_float32_matmul_precision() == "medium" else 2.0**-11
+    if h.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        u = max(u, ROUNDING[dtype])  # cuBLAS may reduce in half precision
+    if k * u >= 0.5:
+        return torch.full_like(zmax, math.inf)
+    gamma = k * u / (1 - k * u) + 2 * u_in
+    u_out = ROUNDING.get(dtype, 2.0**-7)
+    delta = gamma * (h.double().norm(dim=1) * bw.weight_norm + bw.bias_max) + u_out * zmax
+    return 2 * delta + 1e-6 * (1 + zmax)
+
+
+@torch.no_grad()
+def head_lower_bound(pm: PrunableModel, normed: torch.Tensor, ids: torch.Tensor, bw: BoundWindow,
+                     cost: Cost | None = None) -> float:
+    """A lower bound on the summed next-token NLL `head_nll` computes for a (1, T) window,
+    from the logits of `bw.columns` only.
+
+    normed: the final-normed last state (1, T, H). Per token with target y in S = the
+    columns: NLL = LSE_V(g(z)) - g(z_y) >= LSE_S(g(z)) - g(z_y), since LSE over a subset of
+    the same numbers is smaller (every exp term is positive). g is what `head_nll` applies to
+    each logit on its own: identity, or softcapping c tanh(z / c); being applied column-wise,
+    it gives the S columns exactly the values they have among all V, so the subset inequality
+    holds for the capped logits too. The logits are computed in float64 from the head's own
+    weights, and `rounding_allowance` is taken off each token; an NLL is never negative, so
+    each token's bound is clipped at 0.
+    """
+    h = normed[0, :-1].to(bw.weight.device)  # the head's device (a model split over devices)
+    t = h.shape[0]
+    if t == 0:
+        return 0.0
+    labels = ids[0, 1:].to(h.device)
+    z = h.double() @ bw.weight.T
+    if bw.bias is not None:
+        z = z + bw.bias
+    allowance = rounding_allowance(pm, h, z, bw)
+    softcap = getattr(pm.decoder_config, "final_logit_softcapping", None)
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    target = z.gather(1, torch.searchsorted(bw.columns, labels)[:, None])[:, 0]
+    lower = (torch.logsumexp(z, dim=1) - target - allowance).clamp_min(0.0)
+    if cost is not None:
+        cost.add_bound(pm, t * bw.columns.numel())
+    return lower.sum().item()
+
+
 # ---------------------------------------------------------------------------- scoring candidates
 
 
 @torch.no_grad()
 def _add_window_nll(pm: PrunableModel, hidden: torch.Tensor, ids: torch.Tensor, s: Score, bound: float | None,
-                    cost: Cost, last_window: bool = False) -> None:
+                    cost: Cost, last_window: bool = False, *, normed: bool = False,
+                    mass: torch.Tensor | None = None) -> None:
     """Add one window's NLL to `s`, stopping between head chunks once `bound` is exceeded.
 
     A candidate over the bound is `stopped` only where work was cut (a chunk or a window
     left); one that finished its last window stays `done`, with its full NLL, and simply loses.
     """
-    (nll,), done = head_nll(pm, hidden, ids, cost, bound=bound, before=s.nll_sum)
+    (nll,), done = head_nll(pm, hidden, ids, cost, normed=normed, bound=bound, before=s.nll_sum, mass=mass)
     n = ids.shape[1] - 1
     s.nll_sum += nll
     s.tokens += done
@@ -328,16 +477,37 @@ def _add_window_nll(pm: PrunableModel, hidden: torch.Tensor, ids: torch.Tensor, 
         s.status = "stopped"
 
 
-@torch.no_grad()
-def _score_windows(pm: PrunableModel, windows: Iterable[torch.Tensor], scores: Sequence[Score], bound: float | None,
-                   cost: Cost, on_progress: Callable[[int], None] | None = None) -> None:
-    """Accumulate each window's NLL into every live (`done`) score, walking the blocks once per
-    window: at candidate b the running state is the state before b (removing b changes
-    nothing before it), so only the blocks after b run from there (prefix reuse)."""
+def _suffix_states(pm: PrunableModel, ctx: WindowContext, blocks: Collection[str], removed: Collection[str],
+                   cost: Cost) -> Iterator[tuple[str, torch.Tensor]]:
+    """(b, last state of the model without b) for each b of `blocks`, walking the blocks once:
+    at b the running state is the state before b (removing b changes nothing before it), so
+    only the blocks after b run from there (prefix reuse)."""
+    if not blocks:
+        return
+    last = max(block_index(b) for b in blocks)
+    for name, h in walk(pm, ctx, ctx.hidden, cost, skip=removed):
+        if name is None or block_index(name) > last:
+            break
+        if name in blocks:
+            yield name, run_blocks(pm, ctx, h, cost, start=block_index(name) + 1, skip=removed)
+
+
+def _check_candidates(pm: PrunableModel, scores: Iterable[Score]) -> None:
     removed = set(pm.removed)
     for s in scores:
         if s.block not in pm.names or s.block in removed:
             raise ValueError(f"candidate {s.block} is not a remaining block of the model")
+
+
+@torch.no_grad()
+def _score_windows(pm: PrunableModel, windows: Iterable[torch.Tensor], scores: Sequence[Score], bound: float | None,
+                   cost: Cost, on_progress: Callable[[int], None] | None = None,
+                   masses: list[torch.Tensor] | None = None) -> None:
+    """Accumulate each window's NLL into every live (`done`) score, walking the blocks once per
+    window (`_suffix_states`). With `masses` (one score), each window's column mass is
+    appended to it (`head_nll(mass=...)`)."""
+    removed = set(pm.removed)
+    _check_candidates(pm, scores)
     windows = list(windows)
     for i, ids in enumerate(window_batches(pm, windows)):
         alive = {s.block: s for s in scores if s.status == "done"}
@@ -345,18 +515,117 @@ def _score_windows(pm: PrunableModel, windows: Iterable[torch.Tensor], scores: S
             break
         ctx = capture_window(pm, ids)
         cost.windows += 1
-        last = max(block_index(b) for b in alive)
-        for name, h in walk(pm, ctx, ctx.hidden, cost, skip=removed):
-            if name is None or block_index(name) > last:
-                break
-            s = alive.get(name)
-            if s is not None:
-                x = run_blocks(pm, ctx, h, cost, start=block_index(name) + 1, skip=removed)
-                _add_window_nll(pm, x, ids, s, bound, cost, last_window=i == len(windows) - 1)
-                del x
-                if on_progress:
-                    on_progress(1)
-        del h, ctx
+        mass = None
+        if masses is not None:
+            weight = get_path(pm.model, pm.adapter.lm_head).weight
+            mass = torch.zeros(weight.shape[0], device=weight.device)
+            masses.append(mass)
+        for name, x in _suffix_states(pm, ctx, alive, removed, cost):
+            _add_window_nll(pm, x, ids, alive[name], bound, cost, last_window=i == len(windows) - 1, mass=mass)
+            del x
+            if on_progress:
+                on_progress(1)
+        del ctx
+
+
+@torch.no_grad()
+def _score_bounded(pm: PrunableModel, windows: Sequence[torch.Tensor], scores: Sequence[Score], bound: float,
+                   columns: Sequence[torch.Tensor], cost: Cost, on_progress: Callable[[int], None] | None = None,
+                   first: dict[str, torch.Tensor] | None = None) -> None:
+    """`_score_windows` with `bound`, cutting with the head bound first.
+
+    Pass 1 walks the windows once and, per live candidate, adds `head_lower_bound` (from the
+    window's `columns`) to its exact NLL so far; one whose total exceeds `bound` is `bounded`
+    there (it can only do worse). `first`: final-normed states on the first window already
+    computed (`_seed_by_bound`), used instead of running those blocks again. The survivors'
+    states are kept (up to `BOUND_CACHE_BYTES`). Pass 2 scores the survivors with the full
+    head window by window, as `_score_windows` would, from the kept states or by running their
+    blocks again: the same tensors, the same sums.
+    """
+    head = bound_head(pm)
+    removed = set(pm.removed)
+    _check_candidates(pm, scores)
+    live = {s.block: s for s in scores if s.status == "done"}
+    lower = {b: s.nll_sum for b, s in live.items()}
+    kept: dict[tuple[str, int], torch.Tensor] = {}
+    kept_bytes = 0
+    for i, ids in enumerate(window_batches(pm, windows)):
+        if not live:
+            break
+        given = (first or {}) if i == 0 else {}
+        todo = [b for b in live if b not in given]
+        bw = BoundWindow.of(head, columns[i])
+        for name, normed in chain(((b, given.pop(b)) for b in list(live) if b in given),
+                                  _normed_states(pm, ids, todo, removed, cost)):
+            lower[name] += head_lower_bound(pm, normed, ids, bw, cost)
+            if lower[name] > bound:
+                s = live.pop(name)
+                s.status, s.lower_bound = "bounded", lower[name]
+                for j in range(i):
+                    gone = kept.pop((name, j), None)
+                    kept_bytes -= 0 if gone is None else gone.numel() * gone.element_size()
+            elif kept_bytes + normed.numel() * normed.element_size() <= BOUND_CACHE_BYTES:
+                kept[name, i] = normed
+                kept_bytes += normed.numel() * normed.element_size()
+            if on_progress:
+                on_progress(1)
+        del bw
+    last = len(windows) - 1
+    for i, ids in enumerate(window_batches(pm, windows)):
+        alive = {b: s for b, s in live.items() if s.status == "done"}
+        if not alive:
+            break
+        for name, normed in _normed_states(pm, ids, [b for b in alive if (b, i) not in kept], removed, cost):
+            kept[name, i] = normed
+        for name, s in alive.items():
+            _add_window_nll(pm, kept.pop((name, i)), ids, s, bound, cost, last_window=i == last, normed=True)
+    kept.clear()
+
+
+def _normed_states(pm: PrunableModel, ids: torch.Tensor, blocks: Sequence[str], removed: Collection[str],
+                   cost: Cost) -> Iterator[tuple[str, torch.Tensor]]:
+    """(b, final-normed last state without b) for each b of `blocks` on one (1, T) window."""
+    if not blocks:
+        return
+    final_norm = get_path(pm.model, pm.adapter.final_norm)
+    ctx = capture_window(pm, ids)
+    cost.windows += 1
+    for name, x in _suffix_states(pm, ctx, blocks, removed, cost):
+        yield name, final_norm(x)
+
+
+@torch.no_grad()
+def _seed_by_bound(pm: PrunableModel, window: torch.Tensor, candidates: Sequence[Score], columns: int,
+                   cost: Cost, states: dict[str, torch.Tensor]) -> str | None:
+    """A seed without scoring every candidate's head: the candidate with the lowest head bound
+    on `window`, from columns chosen by the current model's logits there (any seed is exact;
+    a good one cuts more). The candidates' final-normed states there go into `states` (up to
+    `BOUND_CACHE_BYTES`), for `_score_bounded` to reuse."""
+    removed = set(pm.removed)
+    _check_candidates(pm, candidates)
+    live = {s.block: s for s in candidates if s.status == "done"}
+    if not live:
+        return None
+    (ids,) = window_batches(pm, [window])
+    ctx = capture_window(pm, ids)
+    cost.windows += 1
+    weight = get_path(pm.model, pm.adapter.lm_head).weight
+    mass = torch.zeros(weight.shape[0], device=weight.device)
+    head_nll(pm, run_blocks(pm, ctx, ctx.hidden, cost, skip=removed), ids, cost, mass=mass)
+    bw = BoundWindow.of(bound_head(pm), bound_columns(mass, ids, columns))
+    final_norm = get_path(pm.model, pm.adapter.final_norm)
+    lower = {}
+    kept_bytes = 0
+    for name, x in _suffix_states(pm, ctx, list(live), removed, cost):
+        normed = final_norm(x)
+        del x
+        value = live[name].nll_sum + head_lower_bound(pm, normed, ids, bw, cost)
+        if math.isfinite(value):
+            lower[name] = value
+        if kept_bytes + normed.numel() * normed.element_size() <= BOUND_CACHE_BYTES:
+            states[name] = normed
+            kept_bytes += normed.numel() * normed.element_size()
+    return min(lower, key=lambda b: (lower[b], tie_order(b))) if lower else None
 
 
 @torch.no_grad()
@@ -389,16 +658,27 @@ class ExactResult:
     scores: dict[str, Score]
     early_stop: bool
     seed: str | None = None  # the candidate scored first; its total is the bound
-    seed_from: str | None = None  # "previous step" | "first window" | "screen"
+    seed_from: str | None = None  # "previous step" | "first window" | "head bound" | "screen"
     bound: float | None = None
+    head_bound: int = 0  # head-bound columns per window (0: the bound was not used)
 
     def info(self) -> dict:
-        return {"early_stop": self.early_stop, "seed": self.seed, "seed_from": self.seed_from, "bound": self.bound}
+        return {"early_stop": self.early_stop, "seed": self.seed, "seed_from": self.seed_from, "bound": self.bound,
+                "head_bound_columns": self.head_bound}
 
 
 def _best(scores: Iterable[Score]) -> Score | None:
     done = [s for s in scores if s.status == "done" and math.isfinite(s.nll_sum)]
     return min(done, key=lambda s: (s.nll_sum, tie_order(s.block))) if done else None
+
+
+def usable_head_bound(pm: PrunableModel, columns: int) -> int:
+    """`columns` if the head bound can serve this model and is cheaper than the head, else 0
+    (also 0 when labels are ignored and windows reweighted: the bound covers plain sums)."""
+    head = bound_head(pm)
+    if columns <= 0 or head is None or 2 * columns >= head.weight.shape[0] or pm.ignore_index is not None:
+        return 0
+    return columns
 
 
 @torch.no_grad()
@@ -409,6 +689,7 @@ def score_exact(
     *,
     prefer: Sequence[str] = (),
     early_stop: bool = True,
+    head_bound: int = HEAD_BOUND_COLUMNS,
     owned: Sequence[str] | None = None,
     start: dict[str, Score] | None = None,
     seed_from: str = "previous step",
@@ -423,7 +704,13 @@ def score_exact(
     2. The seed -- the first of `prefer` (the previous step's ranking) among `candidates`,
        else the best candidate on the first window -- is scored on the remaining windows;
        its total is the bound.
-    3. The other candidates are scored on the remaining windows with that bound.
+    3. The other candidates are scored on the remaining windows with that bound; with
+       `head_bound` N > 0, the head bound first cuts those that cannot win (`_score_bounded`,
+       columns from the seed's logits of step 2). It is off where `usable_head_bound` says
+       it cannot pay (a vocabulary below 2N, a head that is not a plain linear layer).
+    With the head bound, step 1 is skipped: without a preference the seed is the candidate
+    with the lowest head bound on the first window (`_seed_by_bound`); it is scored on every
+    window and the others are bounded from the first window on.
 
     owned: the candidates whose scores are wanted (a shard). The seed is scored in every
       shard, and without a preference every candidate's first window too, so that every
@@ -446,18 +733,28 @@ def score_exact(
         _score_windows(pm, windows, live(owned), None, cost, on_progress)
         return result
     seed = next((c for c in prefer if c in scores and scores[c].status == "done"), None)
-    first = candidates if seed is None else [c for c in candidates if c in set(owned) | {seed}]
-    _score_windows(pm, windows[:1], live(first), None, cost, on_progress)
-    rest = list(windows[1:])
-    if seed is None:
-        best = _best(scores[c] for c in candidates)
-        seed, seed_from = (best.block if best else None), "first window"
-    elif scores[seed].status != "done":
-        seed = None  # the preferred seed went non-finite; shards do not know the others' first window
+    columns = usable_head_bound(pm, head_bound)
+    first_states: dict[str, torch.Tensor] = {}  # final-normed states on the first window, from `_seed_by_bound`
+    if seed is None and columns and windows:
+        seed, seed_from = (_seed_by_bound(pm, windows[0], [scores[c] for c in candidates], columns, cost, first_states),
+                           "head bound")
+    if seed is not None and columns:  # the seed over every window, then the others bounded from the first
+        rest = list(windows)
+    else:
+        first_states.clear()  # they are of windows[0], which the others are not bounded on here
+        first = candidates if seed is None else [c for c in candidates if c in set(owned) | {seed}]
+        _score_windows(pm, windows[:1], live(first), None, cost, on_progress)
+        rest = list(windows[1:])
+        if seed is None:
+            best = _best(scores[c] for c in candidates)
+            seed, seed_from = (best.block if best else None), "first window"
+        elif scores[seed].status != "done":
+            seed = None  # the preferred seed went non-finite; shards do not know the others' first window
     if seed is None:  # nothing finite bounds the others
         _score_windows(pm, rest, live(owned), None, cost, on_progress)
         return result
-    _score_windows(pm, rest, [scores[seed]], None, cost, on_progress)
+    masses: list[torch.Tensor] | None = [] if columns and rest else None
+    _score_windows(pm, rest, [scores[seed]], None, cost, on_progress, masses=masses)
     total = scores[seed]
     bound = total.nll_sum if total.status == "done" else None
     result.seed, result.seed_from, result.bound = seed, seed_from, bound
@@ -466,6 +763,11 @@ def score_exact(
         for s in live(others):
             if s.nll_sum > bound:
                 s.status = "stopped"
+    if masses is not None and bound is not None:
+        chosen = [bound_columns(m, x, columns) for m, x in zip(masses, window_batches(pm, rest))]
+        result.head_bound = columns
+        _score_bounded(pm, rest, live(others), bound, chosen, cost, on_progress, first_states)
+        return result
     _score_windows(pm, rest, live(others), bound, cost, on_progress)
     return result
 
