@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random models from each architecture's real transformers config
 class (no downloads; Baichuan 2 from remote code kept in tests/remote_code), and paths to the
-real Gemma 3 270M and ../shared/data."""
+real Gemma 3 270M and the real data sets (../shared/data, else the demo bundle)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BLOCKPRUNER_SHARED", ROOT.parent / "shared"))
-DATA = SHARED / "data"
+# The real-data tests read the full shared copies when they sit beside the checkout (CI), and
+# otherwise the demo bundle in the repository (a fresh clone): the first records of the same
+# files in the same layout (workflow/scripts/make_demo_bundle.py).
+BUNDLE = ROOT / "workflow" / "resources" / "demo"
+FULL_DATA = (SHARED / "data").is_dir()
+DATA = SHARED / "data" if FULL_DATA else BUNDLE
+ALPACA = DATA / "alpaca" / ("alpaca_5000.json" if FULL_DATA else "alpaca_demo.json")
+# records per file of DATA, for the tests that check a whole file was read
+RECORDS = ({"alpaca": 5000, "wikitext_rows": 4358, "wikitext_nonempty": 2891, "piqa": 1838, "winogrande": 1267,
+            "hellaswag": 10042, "arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500} if FULL_DATA else
+           {"alpaca": 300, "wikitext_rows": 300, "wikitext_nonempty": 187, "piqa": 50, "winogrande": 50,
+            "hellaswag": 50, "arc_easy": 50, "arc_challenge": 50, "openbookqa": 50})
 
 _COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -115,9 +126,10 @@ def gemma_dir(tmp_path_factory) -> Path:
 
 
 def require_shared() -> None:
+    """The real data: ../shared/data, or the demo bundle, which every checkout has."""
     if not DATA.exists():
         pytest.fail(f"{DATA} not found: the real-data tests need ../shared/data beside the checkout "
-                    "(or BLOCKPRUNER_SHARED pointing at it)")
+                    "(or BLOCKPRUNER_SHARED pointing at it), or the demo bundle workflow/resources/demo")
 
 
 @pytest.fixture()

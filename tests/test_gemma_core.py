@@ -18,7 +18,7 @@ from blockpruner.data.sources import load_prepared, read_manifest
 from blockpruner.eval.wikitext import perplexity
 from blockpruner.search.greedy import StepSettings, search_step
 
-from .conftest import DATA, require_shared
+from .conftest import ALPACA, DATA, require_shared
 
 pytestmark = pytest.mark.gemma
 
@@ -48,7 +48,7 @@ def test_dense_wikitext_perplexity_is_plausible(gemma_dir):
 def test_one_search_step_on_alpaca(gemma_dir, tmp_path):
     require_shared()
     model, tok, manifest = load_prepared(gemma_dir)
-    spec = CalibrationSpec(str(DATA / "alpaca" / "alpaca_5000.json"), nsamples=4, seqlen=64, max_windows=1)
+    spec = CalibrationSpec(str(ALPACA), nsamples=4, seqlen=64, max_windows=1)
     m = sample_calibration(spec, tok, tmp_path / "calib")
     assert m["windows"] == 1 and m["sampled_indices"] == sample_calibration(spec, tok, tmp_path / "again")["sampled_indices"]
     calib = load_calibration(tmp_path / "calib")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import DATA, ROOT, SHARED
+from .conftest import ROOT
 from .test_workflow import TEST_CONFIG, copy_workflow, run_snakemake, write_config
 
 PROFILE = ROOT / "profiles/slurm/config.yaml"
@@ -256,9 +256,7 @@ def _default_partition() -> str:
 def test_profile_submits_jobs_to_the_cluster(tmp_path):
     """prepare_model and sample_calibration of the CI study through the profile: each is one
     sbatch job with a job id and a log in .snakemake/slurm_logs, without GPU options."""
-    if not DATA.exists():
-        pytest.fail(f"{DATA} not found: this test needs ../shared/data (or BLOCKPRUNER_SHARED)")
-    main = copy_workflow(tmp_path, shared=SHARED)
+    main = copy_workflow(tmp_path, whole_study=True)
     target = "results/calib/gemma3-270m/alpaca/manifest.json"
     p = run_snakemake(main, "--profile", "profiles/slurm", "--configfile", TEST_CONFIG,
                       "--default-resources", f"slurm_partition={_default_partition()}", "--slurm-no-account",

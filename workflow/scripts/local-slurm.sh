@@ -42,6 +42,9 @@ HOST="$(hostname -s)"
 log() { echo "local-slurm: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# a wrong command is a usage error for anyone, before root is asked for
+case "${1:-}" in start | stop | status) ;; *) echo "usage: $0 start|stop|status" >&2; exit 2 ;; esac
+
 SUDO=()
 if [ "$(id -u)" -ne 0 ]; then
     command -v sudo >/dev/null || die "needs root (or sudo) to install and run the daemons"
