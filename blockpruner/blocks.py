@@ -91,6 +91,8 @@ class PrunableModel:
     adapter: Adapter
     layers: nn.ModuleList
     names: list[str] = field(init=False)
+    # a label id every NLL skips (the official code's pad-token quirk; numerics.Numerics.apply)
+    ignore_index: int | None = None
 
     def __post_init__(self) -> None:
         self.names = block_names(len(self.layers))

@@ -11,7 +11,7 @@ import torch
 from blockpruner.data.calibration import ALPACA_NO_INPUT, CalibrationSpec, load_calibration, render, sample_calibration
 from blockpruner.errors import UserError
 
-from .conftest import DATA, require_shared
+from .conftest import ALPACA, RECORDS, require_shared
 
 
 class CharTokenizer:
@@ -145,9 +145,53 @@ def test_corrupt_or_edited_artifact_is_detected(alpaca_file, tmp_path):
 
 def test_shared_alpaca_renders_and_samples(tmp_path):
     require_shared()
-    recs = json.loads((DATA / "alpaca" / "alpaca_5000.json").read_text())
-    assert len(recs) == 5000
+    recs = json.loads(ALPACA.read_text())
+    assert len(recs) == RECORDS["alpaca"]
     text = render(recs[0])
     assert text.startswith("Below is an instruction") and recs[0]["output"] in text
     if not recs[0]["input"]:
         assert text == ALPACA_NO_INPUT.format(**recs[0])
+
+
+def _rows_file(tmp_path, n):
+    path = tmp_path / "alpaca_full.jsonl"
+    path.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_official_split_draws_what_the_official_code_draws(tmp_path):
+    """The slice and draw equal the official code's: `datasets`' own train_test_split twice
+    (seed 42), then `transformers.set_seed(42); random.sample(range(len(test)), n)`."""
+    import datasets
+    import transformers
+
+    from blockpruner.data.calibration import ALPACA_ROWS, draw_samples
+
+    path = _rows_file(tmp_path, ALPACA_ROWS)
+    texts = [f"record {i}" for i in range(ALPACA_ROWS)]
+    ds = datasets.Dataset.from_dict({"text": texts}).train_test_split(test_size=0.2, seed=42)
+    test = ds.pop("test").train_test_split(test_size=0.5, seed=42)["train"]
+    assert len(test) == 5200
+    transformers.set_seed(42)
+    expected = [test[i]["text"] for i in random.sample(range(len(test)), 16)]
+
+    sample = draw_samples(CalibrationSpec(str(path), nsamples=16, sampling="official-split"))
+    assert sample.texts == expected
+    assert [f"record {i}" for i in sample.indices] == expected
+    assert sample.info["slice_rows"] == 5200
+    # the whole-set draw is a different one
+    assert draw_samples(CalibrationSpec(str(path), nsamples=16)).texts != expected
+
+
+def test_official_split_is_recorded_and_refuses_a_subset(tmp_path):
+    from blockpruner.data.calibration import ALPACA_ROWS
+
+    m = sample_calibration(CalibrationSpec(str(_rows_file(tmp_path, ALPACA_ROWS)), nsamples=4, seqlen=8,
+                                           sampling="official-split"), CharTokenizer(), tmp_path / "calib")
+    assert m["sampling"] == "official-split" and m["slice_rows"] == 5200
+    (tmp_path / "sub").mkdir()
+    subset = _rows_file(tmp_path / "sub", 5000)
+    with pytest.raises(UserError, match="52,002-row .* 5,000 records"):
+        sample_calibration(CalibrationSpec(str(subset), nsamples=4, sampling="official-split"), CharTokenizer(), tmp_path / "c2")
+    with pytest.raises(UserError, match="official-split"):
+        CalibrationSpec(str(subset), sampling="official").validate()

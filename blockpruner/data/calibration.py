@@ -7,6 +7,14 @@ same string the hub's `text` column holds. Empty and whitespace-only records are
 before sampling; samples are drawn with `random.Random(seed).sample`, which gives the same
 indices on every machine and Python version for an integer seed.
 
+Sampling:
+- `all`: draw from every non-empty record of the source.
+- `official-split` (the paper's): the official code splits Alpaca's 52,002 rows with
+  `train_test_split(test_size=0.2, seed=42)`, splits that 20% again 0.5/0.5 with seed 42 and
+  draws from the first half (5,200 rows). The split is recomputed here from the row count
+  alone (numpy's generator, as `datasets` does), so a local copy of the full set gives the
+  same slice as the hub.
+
 Modes:
 - `concat` (the reference code's): join the sampled texts with a blank line, tokenize once,
   cut into `seqlen` windows, drop the remainder.
@@ -20,10 +28,12 @@ The artifact is `tokens.safetensors` (input_ids [N, T], lengths [N]) plus `manif
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..artifacts import atomic_write, read_json, sha256_file, sha256_text, write_json
@@ -31,6 +41,9 @@ from ..errors import UserError
 
 FORMAT = "blockpruner.calibration/1"
 MODES = ("concat", "per-sample")
+SAMPLINGS = ("all", "official-split")
+ALPACA_ROWS = 52_002  # tatsu-lab/alpaca's train split, which the official split is defined on
+OFFICIAL_SPLIT_SEED = 42
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt", ".raw")
 
 ALPACA_WITH_INPUT = (
@@ -55,6 +68,7 @@ class CalibrationSpec:
     split: str = "train"
     text_field: str = "text"
     max_windows: int | None = None  # keep only the first N windows (quick runs, CI); None = all
+    sampling: str = "all"  # all | official-split
 
     def validate(self) -> None:
         for key in ("nsamples", "seqlen"):
@@ -66,6 +80,8 @@ class CalibrationSpec:
             raise UserError(f"seqlen must be at least 2 tokens, got {self.seqlen}")
         if self.mode not in MODES:
             raise UserError(f"unknown calibration mode {self.mode!r}; use one of: {', '.join(MODES)}")
+        if self.sampling not in SAMPLINGS:
+            raise UserError(f"unknown calibration sampling {self.sampling!r}; use one of: {', '.join(SAMPLINGS)}")
         if is_local(self.source) and not Path(self.source).exists():
             raise UserError(f"calibration file not found: {self.source}; check the path (or give a hub data set id)")
 
@@ -114,19 +130,49 @@ def read_local(path: Path) -> list:
     return text.splitlines()
 
 
-def load_texts(spec: CalibrationSpec) -> tuple[list[str], dict]:
-    """All candidate texts (empty ones dropped, original indices kept) and source info."""
+def official_split_rows(n: int, seed: int = OFFICIAL_SPLIT_SEED) -> np.ndarray:
+    """Rows of the official code's Alpaca calibration slice among n rows.
+
+    `Dataset.train_test_split(test_size=0.2, seed)` takes `default_rng(seed).permutation(n)`
+    and keeps its first ceil(0.2 n) entries as "test"; that part is split again with
+    test_size=0.5, and its "train" half (the entries after the first ceil(0.5 m)) is the
+    slice the official search samples from.
+    """
+    held_out = np.random.default_rng(seed).permutation(n)[: math.ceil(0.2 * n)]
+    m = len(held_out)
+    return held_out[np.random.default_rng(seed).permutation(m)[math.ceil(0.5 * m):]]
+
+
+def load_texts(spec: CalibrationSpec) -> tuple[list[tuple[int, str]], dict]:
+    """The texts samples are drawn from, with their row indices in the source, and source info.
+
+    `all`: every non-empty record. `official-split`: the official slice's rows in its order,
+    empty ones included (the official code does not drop them).
+    """
     if is_local(spec.source):
         path = Path(spec.source)
         records = read_local(path)
         info = {"source": str(path), "source_sha256": sha256_file(path)}
     else:
         records, info = _load_hub(spec)
-    texts = [r if isinstance(r, str) else render(r, spec.text_field) for r in records]
+    info["records"] = len(records)
+    if spec.sampling == "official-split":
+        if len(records) != ALPACA_ROWS:
+            raise UserError(
+                f"sampling official-split is defined on the full {ALPACA_ROWS:,}-row tatsu-lab/alpaca train split; "
+                f"{spec.source} has {len(records):,} records: use the hub id or a full local copy, or sampling: all"
+            )
+        rows = official_split_rows(len(records)).tolist()
+        info["slice_rows"] = len(rows)
+        return [(i, _text(records[i], spec.text_field)) for i in rows], info
+    texts = [_text(r, spec.text_field) for r in records]
     kept = [(i, t) for i, t in enumerate(texts) if t.strip()]
-    info["records"] = len(texts)
     info["nonempty_records"] = len(kept)
     return kept, info
+
+
+def _text(record, text_field: str) -> str:
+    return record if isinstance(record, str) else render(record, text_field)
 
 
 def _load_hub(spec: CalibrationSpec) -> tuple[list[dict], dict]:
@@ -152,11 +198,16 @@ class Sample:
 
 
 def draw_samples(spec: CalibrationSpec) -> Sample:
-    """Read the source and draw `nsamples` texts; cheap, so it runs before any model load."""
+    """Read the source and draw `nsamples` texts; cheap, so it runs before any model load.
+
+    `random.Random(seed).sample(range(n), k)` is what the official code's
+    `transformers.set_seed(seed); random.sample(range(n), k)` draws.
+    """
     spec.validate()
     kept, info = load_texts(spec)
     if spec.nsamples > len(kept):
-        raise UserError(f"nsamples={spec.nsamples} but {spec.source} has only {len(kept)} non-empty records; lower nsamples")
+        what = "rows in the official slice" if spec.sampling == "official-split" else "non-empty records"
+        raise UserError(f"nsamples={spec.nsamples} but {spec.source} has only {len(kept)} {what}; lower nsamples")
     picks = random.Random(spec.seed).sample(range(len(kept)), spec.nsamples)
     return Sample([kept[p][0] for p in picks], [kept[p][1] for p in picks], info)
 
@@ -194,6 +245,7 @@ def sample_calibration(spec: CalibrationSpec, tokenizer, out_dir: str | Path, sa
     manifest = {
         **info,
         "mode": spec.mode,
+        "sampling": spec.sampling,
         "nsamples": spec.nsamples,
         "seed": spec.seed,
         "seqlen": spec.seqlen,

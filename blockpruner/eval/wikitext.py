@@ -90,7 +90,8 @@ def _check_ppl_args(seqlen: int, max_windows: int | None, batch_size: int) -> No
 
 def wikitext_perplexity(model_dir: str | Path, data: str, seqlen: int = 2048, max_windows: int | None = None,
                         hub_config: str | None = "wikitext-2-raw-v1", split: str = "test", device: str = "auto",
-                        dtype: str | None = None, batch_size: int = 1, progress: bool = True) -> dict:
+                        dtype: str | None = None, batch_size: int = 1, progress: bool = True,
+                        numerics: str = "fp32") -> dict:
     """WikiText-2 perplexity of a prepared (or pruned) model directory.
 
     Returns the eval_ppl record: `tokens` = windows x seqlen tokens scored, `predicted_tokens`
@@ -98,13 +99,16 @@ def wikitext_perplexity(model_dir: str | Path, data: str, seqlen: int = 2048, ma
     length of the whole tokenized test stream, and ppl = exp(nll_sum / predicted_tokens).
     """
     from ..data.sources import load_prepared, load_tokenizer, read_manifest
+    from ..numerics import Numerics
 
     _check_ppl_args(seqlen, max_windows, batch_size)
+    mode = Numerics(numerics)
+    dtype = mode.load_dtype(dtype)
     manifest = read_manifest(model_dir)
     rows, info = load_wikitext_rows(data, hub_config, split)
     windows, stream = wikitext_windows(load_tokenizer(model_dir, manifest), rows, seqlen, max_windows)
     model, _, _ = load_prepared(model_dir, dtype, device, tokenizer=False)
-    result = perplexity(PrunableModel.wrap(model), windows, batch_size=batch_size, progress=progress)
+    result = perplexity(mode.apply(PrunableModel.wrap(model)), windows, batch_size=batch_size, progress=progress)
     return {
         "model": str(model_dir),
         "model_hash": manifest["content_hash"],
@@ -116,6 +120,7 @@ def wikitext_perplexity(model_dir: str | Path, data: str, seqlen: int = 2048, ma
         "predicted_tokens": result["tokens"],
         "stream_tokens": stream,
         "dtype": dtype or manifest["dtype"],
+        "numerics": numerics,
         "nll_sum": result["nll_sum"],
         "ppl": result["ppl"],
     }

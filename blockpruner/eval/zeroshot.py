@@ -126,8 +126,26 @@ def task_figures(names: list[str], tasks: dict, results: dict) -> dict:
     return out
 
 
+BOS_CHOICES = {"auto": None, "yes": True, "no": False}
+
+
+def make_lm(model, tokenizer, manifest: dict, batch_size: int, device: str, add_bos_token: bool | None):
+    """lm-eval's HF wrapper with the BOS choice explicit.
+
+    lm-eval 0.4.0 (the paper's, bundled with the official code) encodes context and
+    continuation without special tokens; from 0.4.3 on, None defers to the tokenizer, which
+    prepends BOS for Llama 2, Baichuan 2 and Gemma and moves every accuracy, dense included.
+    False reproduces 0.4.0; None keeps the tokenizer's (what Gemma needs to be itself).
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+                trust_remote_code=bool(manifest.get("trust_remote_code", False)), add_bos_token=add_bos_token)
+
+
 def run_tasks(model_dir: str | Path, tasks: str | list[str], local_data: str | Path | None, num_fewshot: int = 0,
-              batch_size: int = 1, limit: int | None = None, device: str = "auto", dtype: str | None = None) -> dict:
+              batch_size: int = 1, limit: int | None = None, device: str = "auto", dtype: str | None = None,
+              add_bos_token: str = "auto", numerics: str = "fp32") -> dict:
     """Zero-shot (or few-shot) lm-eval accuracy of a prepared (or pruned) model directory.
 
     With `local_data`, runs the offline `*_local` tasks over that folder; without, the
@@ -136,19 +154,21 @@ def run_tasks(model_dir: str | Path, tasks: str | list[str], local_data: str | P
     no training split.
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     from ..data.sources import load_prepared, read_manifest, resolve_device
+    from ..numerics import Numerics
 
     names = parse_task_names(tasks)
     _check_task_args(num_fewshot, batch_size, limit)
+    if add_bos_token not in BOS_CHOICES:
+        raise UserError(f"--add-bos-token {add_bos_token!r}: use one of {', '.join(BOS_CHOICES)}")
+    dtype = Numerics(numerics).load_dtype(dtype)
     manifest = read_manifest(model_dir)
     device = resolve_device(device)
     loaded = load_tasks(names, local_data)
     model, tok, _ = load_prepared(model_dir, dtype, device)  # remote code only as its manifest says
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device,
-              trust_remote_code=bool(manifest.get("trust_remote_code", False)))
+    lm = make_lm(model, tok, manifest, batch_size, device, BOS_CHOICES[add_bos_token])
     # the tasks go in built; an empty TaskManager keeps simple_evaluate from indexing every task again
     results = lm_eval.simple_evaluate(model=lm, tasks=[loaded[n] for n in names], num_fewshot=num_fewshot, limit=limit,
                                       task_manager=TaskManager(include_defaults=False), log_samples=False)
@@ -163,7 +183,17 @@ def run_tasks(model_dir: str | Path, tasks: str | list[str], local_data: str | P
         "local_data": str(local_data) if local_data is not None else None,
         "dtype": dtype or manifest["dtype"],
         "lm_eval_version": _lm_eval_version(),
+        # what the requests were built with: the setting and what it meant for this tokenizer
+        "add_bos_token": add_bos_token,
+        "numerics": numerics,
+        "bos_prepended": _bos_prepended(lm),
     }
+
+
+def _bos_prepended(lm) -> bool:
+    """Whether lm-eval's encoding of a context starts with the tokenizer's BOS."""
+    bos = lm.tokenizer.bos_token_id
+    return bos is not None and lm.tok_encode("Question: is it?")[:1] == [bos]
 
 
 def _lm_eval_version() -> str:

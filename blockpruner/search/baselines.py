@@ -81,13 +81,13 @@ def method_of(name: str) -> Method:
         raise UserError(f"unknown method {name!r}; use one of: {', '.join(METHODS)}") from None
 
 
-def settings_for(method: str, candidates: str = "all") -> StepSettings:
+def settings_for(method: str, candidates: str = "all", numerics: str = "fp32") -> StepSettings:
     """The step settings of a method (recorded in each step and compared by load_previous)."""
     m = method_of(method)
     if m.name == "blockpruner":
-        settings = StepSettings(candidates=candidates)
+        settings = StepSettings(candidates=candidates, numerics=numerics)
     else:
-        settings = StepSettings(method=m.name, metric=m.metric, candidates=candidates)
+        settings = StepSettings(method=m.name, metric=m.metric, candidates=candidates, numerics=numerics)
     settings.validate()
     if m.level == "layer" and candidates != "all":
         raise UserError(f"method {m.name!r} removes whole layers; it takes --candidates all, not {candidates!r}")
