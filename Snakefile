@@ -7,7 +7,8 @@
 #   snakemake --profile profiles/slurm --configfile config/paper.yaml
 #
 # Stages, one file each in workflow/rules/: model -> calibration -> search -> prune ->
-# evaluate -> summary.  Every rule calls one `blockpruner` subcommand.
+# evaluate -> summary; methods that compress instead of searching (SliceGPT, LaCo) go from
+# calibration to compress.smk and on to evaluate.  Every rule calls one `blockpruner` subcommand.
 
 from snakemake.utils import min_version
 
@@ -31,6 +32,8 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/calibration.smk"
 include: "workflow/rules/search.smk"
 include: "workflow/rules/prune.smk"
+include: "workflow/rules/compensate.smk"
+include: "workflow/rules/compress.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/analyses.smk"

@@ -77,6 +77,12 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-map", default=None, help="e.g. 'auto' to spread a model over all visible GPUs")
 
 
+def numerics_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--numerics", default="fp32", choices=["fp32", "official-bf16"],
+                   help="fp32 (safe default) or official-bf16: the official code's bf16 weights and loss (pad-token "
+                        "labels ignored, mean over each window) for paper parity; recorded in the artifact")
+
+
 def progress_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
@@ -131,6 +137,9 @@ def sample_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default: 2048)")
     p.add_argument("--mode", default="concat", help="concat (reference: join, cut into windows) or per-sample")
+    p.add_argument("--sampling", default="all",
+                   help="all (every non-empty record) or official-split (the official code's 5,200-row slice of the "
+                        "52,002-row tatsu-lab/alpaca train split, as the paper)")
     p.add_argument("--max-windows", type=int, default=None, help="keep only the first N windows (quick runs; default: all)")
     p.add_argument("--out", required=True, help="output directory")
 
@@ -141,7 +150,8 @@ def cmd_sample_calibration(a: argparse.Namespace) -> None:
     from .data.calibration import CalibrationSpec, draw_samples, sample_calibration
     from .data.sources import load_tokenizer, read_manifest
 
-    spec = CalibrationSpec(a.data, a.nsamples, a.seed, a.seqlen, a.mode, a.hub_config, a.split, a.text_field, a.max_windows)
+    spec = CalibrationSpec(a.data, a.nsamples, a.seed, a.seqlen, a.mode, a.hub_config, a.split, a.text_field, a.max_windows,
+                           a.sampling)
     manifest = read_manifest(a.model)
     sample = draw_samples(spec)
     m = sample_calibration(spec, load_tokenizer(a.model, manifest), a.out, sample)
@@ -160,6 +170,9 @@ def step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-early-stop", action="store_true",
                    help="score every candidate on every window (default: stop a candidate once its running NLL exceeds "
                         "the total of the previous step's best-ranked candidate; exact, same chosen block)")
+    p.add_argument("--head-bound-columns", type=int, default=None, metavar="N",
+                   help="with early stopping, first cut candidates that cannot win by a certified lower bound on their "
+                        "NLL from N LM-head columns per window (exact, same chosen block; default 4096, 0 = off)")
     p.add_argument("--shard", default=None, metavar="i/N",
                    help="score only shard i of N (0-based, round-robin over the tie-ordered candidates) and write a "
                         "partial artifact for gather-step (exact steps only)")
@@ -171,6 +184,7 @@ def step_args(p: argparse.ArgumentParser) -> None:
                    help="screened (approximate) step: consider only the R blocks whose layers have the lowest Block "
                         "Influence on the current model")
     p.add_argument("--out", required=True, help="output step_<k>.json (with --shard: the shard's partial artifact)")
+    numerics_arg(p)
     progress_arg(p)
 
 
@@ -179,11 +193,14 @@ def step_args(p: argparse.ArgumentParser) -> None:
                      "calibration perplexity. Ties: attention before MLP, then ascending layer.")
 def cmd_step(a: argparse.Namespace) -> None:
     from .blocks import PrunableModel
+    from .numerics import Numerics
     from .data.calibration import load_calibration
     from .data.sources import load_prepared, read_manifest
     from .search.greedy import StepSettings, check_budget, load_previous, parse_shard, search_step, write_shard, write_step
 
-    settings = StepSettings.make(a.candidates, a.screen_windows, a.confirm_top, a.candidates_by_bi)
+    bound = {} if a.head_bound_columns is None else {"head_bound_columns": a.head_bound_columns}
+    settings = StepSettings.make(a.candidates, a.screen_windows, a.confirm_top, a.candidates_by_bi, numerics=a.numerics,
+                                 **bound)
     settings.validate()
     shard = parse_shard(a.shard) if a.shard else None
     if shard and settings.mode != "exact":
@@ -192,8 +209,9 @@ def cmd_step(a: argparse.Namespace) -> None:
     calib = load_calibration(a.calib)
     removed, prev = load_previous(a.prev, a.k, manifest["content_hash"], calib.hash, settings)
     check_budget(manifest["num_layers"], removed, settings, a.k)
-    model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map, tokenizer=False)
-    record = search_step(PrunableModel.wrap(model), calib.windows, a.k, removed, settings, search_inputs(a, manifest, calib),
+    numerics = Numerics(a.numerics)
+    model, _, _ = load_prepared(a.model, numerics.load_dtype(a.dtype), a.device, a.device_map, tokenizer=False)
+    record = search_step(numerics.apply(PrunableModel.wrap(model)), calib.windows, a.k, removed, settings, search_inputs(a, manifest, calib),
                          progress=not a.no_progress, prev=prev, early_stop=not a.no_early_stop, shard=shard)
     (write_shard if shard else write_step)(a.out, record)
 
@@ -224,6 +242,7 @@ def baseline_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prev", default=None, help="step_<k-1>.json of the same method (required for k > 1)")
     p.add_argument("--candidates", default="all", help="all (default), attn or mlp (block-level methods only)")
     p.add_argument("--out", required=True, help="output step_<k>.json")
+    numerics_arg(p)
     progress_arg(p)
 
 
@@ -236,18 +255,20 @@ def baseline_step_args(p: argparse.ArgumentParser) -> None:
                      "ranking from --prev.")
 def cmd_baseline_step(a: argparse.Namespace) -> None:
     from .blocks import PrunableModel
+    from .numerics import Numerics
     from .data.calibration import load_calibration
     from .data.sources import load_prepared, read_manifest
     from .search.baselines import baseline_step, check_step, settings_for
     from .search.greedy import load_previous, write_step
 
-    settings = settings_for(a.method, a.candidates)
+    settings = settings_for(a.method, a.candidates, a.numerics)
     manifest = read_manifest(a.model)
     calib = load_calibration(a.calib)
     removed, prev = load_previous(a.prev, a.k, manifest["content_hash"], calib.hash, settings)
     check_step(settings, manifest["num_layers"], a.k, removed, prev)
-    model, _, _ = load_prepared(a.model, a.dtype, a.device, a.device_map, tokenizer=False)
-    record = baseline_step(PrunableModel.wrap(model), calib.windows, a.k, removed, settings,
+    numerics = Numerics(a.numerics)
+    model, _, _ = load_prepared(a.model, numerics.load_dtype(a.dtype), a.device, a.device_map, tokenizer=False)
+    record = baseline_step(numerics.apply(PrunableModel.wrap(model)), calib.windows, a.k, removed, settings,
                            search_inputs(a, manifest, calib), prev=prev, progress=not a.no_progress)
     write_step(a.out, record)
 
@@ -284,14 +305,33 @@ def cmd_sequence(a: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- stage 3: the pruned model
 
 
-def materialize_args(p: argparse.ArgumentParser) -> None:
+def pruning_step_args(p: argparse.ArgumentParser) -> None:
+    """Which step's removals to apply: --step FILE, or --steps FILES --ratio R (materialize, compensate)."""
     p.add_argument("--model", required=True, help="prepared dense model directory the search ran on")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--step", help="step_<K>.json whose removed blocks to materialise")
-    which.add_argument("--steps", nargs="+", help="step_1.json ... step_N.json of one search: materialise the smallest K "
-                                                  "among them whose pruning ratio reaches --ratio")
+    which.add_argument("--step", help="step_<K>.json whose removed blocks to apply")
+    which.add_argument("--steps", nargs="+", help="step_1.json ... step_N.json of one search: the smallest K among them "
+                                                  "whose pruning ratio reaches --ratio")
     p.add_argument("--ratio", type=float, default=None, help="with --steps: target ratio of removed parameters, e.g. 0.2")
     p.add_argument("--no-embed", action="store_true", help="with --steps: ratio of non-embedding parameters instead of all")
+
+
+def chosen_step(a: argparse.Namespace) -> str:
+    """The step file of --step, or of the smallest K in --steps whose ratio reaches --ratio."""
+    from .search.greedy import read_chain, read_step, steps_to_ratio
+
+    if (a.steps is None) != (a.ratio is None):
+        raise UserError("--steps FILES and --ratio R go together (or give one --step FILE)")
+    if a.steps is None:
+        return a.step
+    records = [read_step(p) for p in a.steps]
+    k = steps_to_ratio(read_chain(records), a.ratio, "ratio_no_embed" if a.no_embed else "ratio")
+    log.info("ratio %g of %s parameters is reached at K=%d", a.ratio, "non-embedding" if a.no_embed else "all", k)
+    return a.steps[[r["k"] for r in records].index(k)]
+
+
+def materialize_args(p: argparse.ArgumentParser) -> None:
+    pruning_step_args(p)
     p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
     p.add_argument("--method", default="blockpruner", help="method name recorded in config.json (default: blockpruner)")
     p.add_argument("--nemotron-nas", default=None, metavar="DIR",
@@ -306,24 +346,90 @@ def materialize_args(p: argparse.ArgumentParser) -> None:
 def cmd_materialize(a: argparse.Namespace) -> None:
     from .export.decilm import check_decilm, to_decilm
     from .export.materialize import materialize
-    from .search.greedy import read_chain, read_step, steps_to_ratio
 
-    if (a.steps is None) != (a.ratio is None):
-        raise UserError("--steps FILES and --ratio R go together (or give one --step FILE)")
     if a.nemotron_nas:  # refuse before the work, not after
         config = Path(a.model) / "config.json"
         if config.exists():
             check_decilm(json.loads(config.read_text(encoding="utf-8")))
-    step = a.step
-    if a.steps is not None:
-        records = [read_step(p) for p in a.steps]
-        k = steps_to_ratio(read_chain(records), a.ratio, "ratio_no_embed" if a.no_embed else "ratio")
-        step = a.steps[[r["k"] for r in records].index(k)]
-        log.info("ratio %g of %s parameters is reached at K=%d", a.ratio, "non-embedding" if a.no_embed else "all", k)
-    s = materialize(a.model, step, a.out, method=a.method)
+    s = materialize(a.model, chosen_step(a), a.out, method=a.method)
     log.info("materialised K=%d (%s): %d -> %d layers (%d with attention), %d tensors / %d parameters removed, "
              "%d -> %d parameters -> %s", s["k"], ",".join(s["removed"]), s["source_layers"], s["layers"],
              s["attention_layers"], s["removed_tensors"], s["removed_params"], s["params_before"], s["params"], a.out)
+    if a.nemotron_nas:
+        to_decilm(a.out, a.nemotron_nas)
+        log.info("Nemotron-NAS (DeciLM) layout -> %s", a.nemotron_nas)
+
+
+COMPRESSORS = ("slicegpt", "laco")
+
+
+def compress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--algorithm", required=True, choices=COMPRESSORS,
+                   help="slicegpt (delete rows and columns after a PCA rotation) or laco (merge layers into earlier ones)")
+    p.add_argument("--model", required=True, help="prepared dense model directory")
+    p.add_argument("--calib", required=True, help="calibration artifact directory")
+    p.add_argument("--ratio", type=float, required=True, help="target fraction of all parameters removed, e.g. 0.2")
+    p.add_argument("--settings", default="{}", help="the algorithm's settings as a JSON object (default: {} = its defaults)")
+    p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    device_arg(p)
+
+
+@command("compress", compress_args, help="SliceGPT or LaCo: write a compressed model directory with manifest.json",
+         description="Compress a prepared model with a method that rewrites it instead of removing blocks: SliceGPT "
+                     "(Ashkboos et al., 2024) or LaCo (Yang et al., 2024), towards --ratio of all parameters. The "
+                     "directory is evaluated like any pruned one; its manifest.json holds the achieved ratio and what "
+                     "the algorithm did.")
+def cmd_compress(a: argparse.Namespace) -> None:
+    import importlib
+
+    try:
+        settings = json.loads(a.settings)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--settings is not JSON ({e}); give an object such as '{{\"threshold\": 0.65}}'") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"--settings must be a JSON object, got {type(settings).__name__}")
+    module = importlib.import_module(f".compress.{a.algorithm}", __package__)
+    m = module.compress(Path(a.model), Path(a.calib), Path(a.out), ratio=a.ratio, settings=settings, device=a.device)
+    log.info("%s: %d -> %d parameters, ratio %.4f (target %g) -> %s", a.algorithm, m["params_dense"],
+             m["params_pruned"], m["ratio"], a.ratio, a.out)
+
+
+def compensate_args(p: argparse.ArgumentParser) -> None:
+    pruning_step_args(p)
+    p.add_argument("--calib", required=True, help="calibration artifact directory the correction is fitted on")
+    p.add_argument("--method", required=True,
+                   help="scale (per-channel, any architecture) or linear (d x d map; architectures without post-norms)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="ridge pull toward no correction, lambda = alpha * trace(XtX) / d (default: 0.1 scale, 10 linear)")
+    p.add_argument("--max-windows", type=int, default=None, help="fit on the first N calibration windows only")
+    p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    p.add_argument("--pruning-method", default="blockpruner", help="search method name recorded in config.json")
+    p.add_argument("--nemotron-nas", default=None, metavar="DIR",
+                   help="also write the Nemotron-NAS (DeciLM) serving layout here (Llama family)")
+
+
+@command("compensate", compensate_args, help="materialise a step with a training-free correction folded into kept blocks",
+         description="As materialize, then fit a closed-form correction for each run of removed blocks on the dense "
+                     "model's block outputs over --calib (X: the nearest preceding kept block's contribution, Y: X plus "
+                     "the removed blocks'), and fold it into that kept block's weights. Same shapes and loading as the "
+                     "uncompensated directory; manifest.json records the method, settings and fit.")
+def cmd_compensate(a: argparse.Namespace) -> None:
+    from .compensate.export import check_request, compensate
+    from .export.decilm import check_decilm, to_decilm
+
+    if (a.steps is None) != (a.ratio is None):
+        raise UserError("--steps FILES and --ratio R go together (or give one --step FILE)")
+    check_request(a.model, a.method, a.alpha)  # refuse before the work, not after
+    if a.nemotron_nas:
+        check_decilm(json.loads((Path(a.model) / "config.json").read_text(encoding="utf-8")))
+    s = compensate(a.model, chosen_step(a), a.calib, a.out, a.method, a.alpha, a.max_windows, pruning_method=a.pruning_method)
+    for c in s["corrections"]:
+        if "skipped" in c:
+            log.info("%s: not compensated, %s", ",".join(c["removed"]), c["skipped"])
+        else:
+            log.info("%s -> %s %s: calibration residual %.4g -> %.4g per token", ",".join(c["removed"]), c["anchor"],
+                     c["folded_into"], c["residual_before"], c["residual_after"])
+    log.info("compensated (%s, alpha %g) K=%d -> %s", s["method"], s["alpha"], s["k"], a.out)
     if a.nemotron_nas:
         to_decilm(a.out, a.nemotron_nas)
         log.info("Nemotron-NAS (DeciLM) layout -> %s", a.nemotron_nas)
@@ -366,6 +472,7 @@ def eval_ppl_args(p: argparse.ArgumentParser) -> None:
     dtype_arg(p)
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
     p.add_argument("--out", required=True, help="output results .json")
+    numerics_arg(p)
     progress_arg(p)
 
 
@@ -377,7 +484,7 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
 
     r = wikitext_perplexity(a.model, a.data, seqlen=a.seqlen, max_windows=a.max_windows, hub_config=a.hub_config,
                             split=a.split, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
-                            progress=not a.no_progress)
+                            progress=not a.no_progress, numerics=a.numerics)
     write_ppl(a.out, r)
     log.info("WikiText perplexity %.4f over %d windows of %d tokens -> %s", r["ppl"], r["windows"], r["seqlen"], a.out)
 
@@ -392,9 +499,13 @@ def eval_tasks_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default: 0)")
     p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default: 1)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples per task (quick runs)")
+    p.add_argument("--add-bos-token", default="auto", choices=["auto", "yes", "no"],
+                   help="prepend BOS to lm-eval's requests: auto = the tokenizer's choice (lm-eval >= 0.4.3), "
+                        "no = as lm-eval 0.4.0, the paper's harness (default: auto)")
     device_arg(p)
     dtype_arg(p)
     p.add_argument("--out", required=True, help="output results .json")
+    numerics_arg(p)
 
 
 @command("eval-tasks", eval_tasks_args,
@@ -406,7 +517,7 @@ def cmd_eval_tasks(a: argparse.Namespace) -> None:
     from .eval.zeroshot import run_tasks, write_tasks
 
     r = run_tasks(a.model, a.tasks, a.local_data, num_fewshot=a.num_fewshot, batch_size=a.batch_size, limit=a.limit,
-                  device=a.device, dtype=a.dtype)
+                  device=a.device, dtype=a.dtype, add_bos_token=a.add_bos_token, numerics=a.numerics)
     write_tasks(a.out, r)
     for name, t in r["tasks"].items():
         log.info("%-14s %s %.4f (n=%d)", name, t["metric"], t["value"], t["n"])
@@ -455,6 +566,8 @@ def summarize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot-ppl", default=None, help="output .png: WikiText-2 perplexity vs pruning ratio")
     p.add_argument("--plot-accuracy", default=None, help="output .png: average accuracy vs pruning ratio")
     p.add_argument("--plot-blocks", default=None, help="output .png: attention vs MLP blocks removed per step")
+    p.add_argument("--note", default=None, help="a line printed under the table (config key `note`, e.g. that the "
+                   "data is a demo slice)")
 
 
 @command("summarize", summarize_args, help="collect a study's evaluations into summary.csv / .md (paper's Table 1) + plots",
@@ -465,7 +578,7 @@ def cmd_summarize(a: argparse.Namespace) -> None:
     from .report.summary import summarize
 
     rows = summarize(a.files, a.csv, a.markdown, ratio_of=a.ratio_of, plot_ppl=a.plot_ppl,
-                     plot_accuracy=a.plot_accuracy, plot_blocks=a.plot_blocks)
+                     plot_accuracy=a.plot_accuracy, plot_blocks=a.plot_blocks, note=a.note)
     log.info("summary of %d evaluated models -> %s, %s", len(rows), a.csv, a.markdown)
 
 
@@ -505,7 +618,8 @@ def analysis_args(p: argparse.ArgumentParser) -> None:
 
 def budget_analysis_args(p: argparse.ArgumentParser) -> None:
     analysis_args(p)
-    p.add_argument("--ratio", type=float, default=None, help="compare at each search's K nearest this ratio")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="compare at each search's smallest K removing at least this ratio (Table 1's rule)")
 
 
 def calibration_analysis_args(p: argparse.ArgumentParser) -> None:
@@ -559,14 +673,16 @@ def match_budgets_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", default=None, help="also write the matched rows (with their metrics) as .csv")
 
 
-@command("match-budgets", match_budgets_args, help="each search's K whose pruning ratio is nearest a target",
-         description="The paper's budget matching across methods: for each search in FILES, the K whose parameter ratio "
-                     "is nearest --ratio (ties: smaller K).")
+@command("match-budgets", match_budgets_args, help="each search's smallest K whose pruning ratio reaches a target",
+         description="Table 1's budget matching across methods: for each search in FILES, the smallest K whose parameter "
+                     "ratio is at or above --ratio (set it to the baseline's ratio); searches that stop below it are "
+                     "left out, with a warning.")
 def cmd_match_budgets(a: argparse.Namespace) -> None:
     from .report.analyses import budget_table
 
     for r in budget_table(a.files, a.ratio, a.csv, ratio_of=a.ratio_of):
-        print(f"{r['model']}\t{r['calib']}\t{r['method']}\tK={r['k']}\tratio={r['ratio']:.4f}")
+        k = "-" if r["k"] is None else r["k"]  # a compressed model (SliceGPT, LaCo) has no K
+        print(f"{r['model']}\t{r['calib']}\t{r['method']}\tK={k}\tratio={r['ratio']:.4f}")
 
 
 def benchmark_search_args(p: argparse.ArgumentParser) -> None:
@@ -576,8 +692,10 @@ def benchmark_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", help="calibration artifact directory (with --model)")
     p.add_argument("--max-windows", type=int, default=None, help="use only the first N calibration windows")
     p.add_argument("--k", type=int, default=4, help="greedy steps (default 4)")
-    p.add_argument("--methods", default="plain,exact,screened", help="comma-separated from plain, prefix, exact, "
-                                                                     "screened (default plain,exact,screened)")
+    p.add_argument("--methods", default="plain,exact,bounded,screened",
+                   help="comma-separated from plain, prefix, exact, bounded, screened (default plain,exact,bounded,screened)")
+    p.add_argument("--head-bound-columns", type=int, default=4096, metavar="N",
+                   help="LM-head columns per window of the bounded method's head bound (default 4096)")
     p.add_argument("--screen-windows", type=int, default=2, help="screened mode S (default 2)")
     p.add_argument("--confirm-top", type=int, default=4, help="screened mode M (default 4)")
     p.add_argument("--candidates-by-bi", type=int, default=None, help="screened mode R (default: off)")

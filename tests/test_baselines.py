@@ -469,8 +469,11 @@ def is_png(path):
 def test_match_budgets():
     steps = {"bp": [{"k": k, "params": {"ratio": 0.05 * k}} for k in range(1, 9)],
              "sg": [{"k": k, "params": {"ratio": 0.1 * k}} for k in range(1, 5)]}
-    assert analyses.match_budgets(steps, 0.26) == {"bp": 5, "sg": 3}
-    assert analyses.match_budgets(steps, 0.25) == {"bp": 5, "sg": 2}  # tie 0.2 / 0.3: the smaller K
+    # Table 1's rule: the smallest K removing at least the target (never the nearest below it)
+    assert analyses.match_budgets(steps, 0.26) == {"bp": 6, "sg": 3}
+    assert analyses.match_budgets(steps, 0.25) == {"bp": 5, "sg": 3}
+    assert analyses.match_budgets(steps, 0.36) == {"bp": 8, "sg": 4}
+    assert analyses.match_budgets(steps, 0.41) == {}  # neither search reaches it: both left out
     with pytest.raises(UserError, match="between 0 and 1"):
         analyses.match_budgets(steps, 25)
 
@@ -501,7 +504,7 @@ def test_attention_share_and_time(fake_study):
     rows = analyses.pruning_time([t / "results" / "search"], t / "t.csv", t / "t.png", ratio=0.15)
     got = {(r["calib"], r["method"]): (r["k"], r["pruning_s"]) for r in rows}
     assert got[("alpaca", "bp")] == (3, 6.0)  # 3 search steps of 2 s
-    assert got[("alpaca", "sg")] == (1, 3.0)  # ratio 0.1 and 0.2 tie -> smaller K; the one ranking pass
+    assert got[("alpaca", "sg")] == (2, 3.0)  # ratio 0.1 is below 0.15 -> K = 2; the one ranking pass
     assert len(read_csv(t / "t.csv")) == 4 and is_png(t / "t.png")
 
 
@@ -568,11 +571,11 @@ def test_gemma_shortgpt_vs_relative_magnitude(gemma_dir, tmp_path, capsys):
 
     from blockpruner.data.calibration import CalibrationSpec, sample_calibration
 
-    from .conftest import DATA, require_shared
+    from .conftest import ALPACA, require_shared
 
     require_shared()
     calib = tmp_path / "results" / "calib"
-    sample_calibration(CalibrationSpec(str(DATA / "alpaca" / "alpaca_5000.json"), nsamples=8, seqlen=64, max_windows=1),
+    sample_calibration(CalibrationSpec(str(ALPACA), nsamples=8, seqlen=64, max_windows=1),
                        AutoTokenizer.from_pretrained(gemma_dir), calib)
     common = ["--model", gemma_dir, "--calib", calib, "--device", "cpu", "--no-progress"]
     steps = {}

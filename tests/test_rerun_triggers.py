@@ -36,7 +36,8 @@ WINOGRANDE = [("Sam thanked Kim because _ had helped.", "Sam", "Kim", "2"),
 
 def tiny_study(tmp: Path) -> tuple[Path, str]:
     """A copy of the workflow with a study that plans every rule once or twice: a tiny Llama,
-    BlockPruner searched in two shards beside ShortGPT, a ratio target, every evaluation (two
+    BlockPruner searched in two shards beside ShortGPT, LaCo and SliceGPT, a ratio target with
+    a compensated variant of each search's pruning, every evaluation (two
     tasks: one with a YAML prompt, one with Python prompt functions), the analyses and the
     search-speed benchmark, all on local files."""
     from .test_evaluate import LINES, tiny_tokenizer
@@ -61,9 +62,12 @@ def tiny_study(tmp: Path) -> tuple[Path, str]:
         "data_root": str(tmp), "device": "cpu", "gpu_slots": ".snakemake/gpu-slots",
         "models": {"tiny": {"source": str(model_dir), "dtype": "fp32"}},
         "calibration": {"c": {"path": str(calib), "nsamples": 6, "seed": 42, "seqlen": 16, "mode": "concat"}},
-        "methods": {"bp": {"algorithm": "blockpruner"}, "sg": {"algorithm": "shortgpt"}},
+        "methods": {"bp": {"algorithm": "blockpruner"}, "sg": {"algorithm": "shortgpt"},
+                    "lc": {"algorithm": "laco", "settings": {"merge_layers": 2, "lowest_layer": 0, "threshold": -1.0,
+                                                            "samples": 1}},
+                    "sl": {"algorithm": "slicegpt"}},
         "search": {"max_k": 1, "shards": 2},
-        "prunings": {"k": [], "ratio": [0.05]},
+        "prunings": {"k": [], "ratio": [0.05], "compensate": ["none", "scale"]},
         "analyses": {"enabled": True, "bi_max_windows": 1},
         "benchmark": {"enabled": True, "k": 1, "methods": ["plain", "exact"], "max_windows": 2},
         "evaluate": {"dense": False,  # the pruned variants' speed job loads the dense model too
@@ -120,8 +124,9 @@ def test_code_rerun_triggers_cover_what_each_command_reads(tmp_path):
     commands_of = rule_commands(main, cfg)
     commands_of = {rule: cmds for rule, cmds in commands_of.items() if cmds}
     assert set(commands_of) == {"prepare_model", "sample_calibration", "search_step", "search_shard", "gather_step",
-                                "tabulate_search", "materialize_model", "eval_perplexity", "eval_tasks", "measure_speed",
-                                "summarize", "analyze_study", "analyze_bi", "benchmark_search"}, sorted(commands_of)
+                                "tabulate_search", "materialize_model", "compress_model", "compensate_model",
+                                "eval_perplexity", "eval_tasks", "measure_speed", "summarize", "analyze_study",
+                                "analyze_bi", "benchmark_search"}, sorted(commands_of)
     table = traced_table(trace)
     assert set(table) == {c for cs in commands_of.values() for c in cs}, "a rule's command left no trace"
     if update:

@@ -1,8 +1,8 @@
 """The Snakemake workflow: config checks, lint, the rerun behaviour (dry runs), the GPU slot
 allocator and the summary.
 
-The dry-run tests work in a copy of the workflow in a temporary folder, with placeholder data
-files (dry runs never read them) and outputs marked up to date with `snakemake --touch`, so
+The dry-run tests work in a copy of the workflow in a temporary folder (the CI study reads the
+demo data bundle inside it) and outputs marked up to date with `snakemake --touch`, so
 that each test sees exactly which jobs Snakemake would run after one change. The end-to-end
 run on the real Gemma 3 270M is `test_e2e_ci_study` (minutes; `-m 'not e2e'` leaves it out).
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import DATA, ROOT, SHARED, tiny_model
+from .conftest import ROOT, tiny_model
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 WORKFLOW_FILES = ["Snakefile", "config.yaml", "workflow", "config", "envs", "profiles", ".test", "blockpruner"]
@@ -44,10 +44,13 @@ def run_snakemake(cwd: Path, *args: str, check: bool = True, timeout: int = 300,
     return p
 
 
-def copy_workflow(dest: Path, shared: Path | None = None, messages: bool = True) -> Path:
-    """A copy of the workflow (and package, which the code hashes read) at dest/main, with
-    dest/shared beside it: the given shared folder, or placeholder data files.
+def copy_workflow(dest: Path, whole_study: bool = False, messages: bool = True) -> Path:
+    """A copy of the workflow (and package, which the code hashes read) at dest/main; the CI
+    study reads the demo data bundle inside it (workflow/resources/demo), nothing beside it.
 
+    whole_study=False trims the CI study to its one BlockPruner method and no analyses, so that
+    the dry runs' job counts below read as the pipeline's stages (the ShortGPT baseline and the
+    analyses run for real in test_e2e_ci_study, with whole_study=True).
     messages=False drops the rules' `message:` lines, which Snakemake prints instead of each
     job's rule, wildcards and resources: dry runs then show what the scheduler would get."""
     main = dest / "main"
@@ -61,17 +64,7 @@ def copy_workflow(dest: Path, shared: Path | None = None, messages: bool = True)
     if not messages:
         for smk in (main / "workflow" / "rules").glob("*.smk"):
             smk.write_text(re.sub(r"^    message:\n(?:        .*\n)+", "", smk.read_text(), flags=re.M))
-    if shared is not None:
-        (dest / "shared").symlink_to(shared.resolve())
-    else:
-        data = dest / "shared" / "data"
-        for rel in ("alpaca/alpaca_5000.json", "wikitext2/test.rows.jsonl"):
-            (data / rel).parent.mkdir(parents=True, exist_ok=True)
-            (data / rel).write_text("placeholder: dry runs never read it\n")
-        (data / "evals" / "piqa").mkdir(parents=True)
-        # dry runs plan the CI study with its one BlockPruner method and no analyses, so the
-        # job counts below read as the pipeline's stages (the ShortGPT baseline and the
-        # analyses run for real in test_e2e_ci_study)
+    if not whole_study:
         cfg = yaml.safe_load((main / TEST_CONFIG).read_text())
         cfg["methods"] = {"blockpruner": cfg["methods"]["blockpruner"]}
         cfg["analyses"]["enabled"] = False
@@ -313,10 +306,12 @@ def fake_study(root: Path) -> list[Path]:
             "settings": {}, "inputs": {}, "timing": {"elapsed_s": 1.0}}, FORMAT)
     for i, variant in enumerate(["dense", "alp/bp/k1", "alp/bp/k3", "alp/bp/r0.05"]):
         base = root / "eval/m" / variant
-        write_json(base / "ppl.json", {"ppl": 20.0 + i, "tokens": 100, "windows": 2}, "blockpruner.eval_ppl/1")
+        write_json(base / "ppl.json", {"ppl": 20.0 + i, "tokens": 100, "windows": 2, "numerics": "official-bf16"},
+                   "blockpruner.eval_ppl/1")
         write_json(base / "tasks.json", {"tasks": {"piqa": {"metric": "acc_norm", "value": 0.7 - i / 100},
                                                    "arc_easy": {"metric": "acc_norm", "value": 0.5}},
-                                         "average": 0.6 - i / 200}, "blockpruner.eval_tasks/1")
+                                         "average": 0.6 - i / 200, "lm_eval_version": "0.4.13", "add_bos_token": "no",
+                                         "numerics": "official-bf16"}, "blockpruner.eval_tasks/1")
         dense = variant == "dense"
         write_json(base / "speed.json", {"model": {"gen_mean_s": 1.0, "tokens_per_s": 100.0 + i, "kv_bytes_per_token": 10,
                                                    "peak_mem_bytes": 1, "params": 1000 - 20 * i},
@@ -345,6 +340,9 @@ def test_summarize_builds_table_and_plots(tmp_path):
     assert float(by["k1"]["piqa"]) == pytest.approx(0.69) and float(by["k1"]["speedup"]) == pytest.approx(1.1)
     md = (out / "summary.md").read_text()
     assert "| m | bp | alp | k3 | 3 (2+1) | 6.00% | 22.00 | 68.00 | 50.00 |" in md
+    assert "Evaluated with: zero-shot accuracies from lm-eval 0.4.13 with BOS no" in md and "numerics official-bf16." in md
+    matched = md.split("## Matched budgets (Table 1's rule)")[1]
+    assert "| m | ≥ 5.00% | bp | 3 | 6.00% | 23.00 | 58.50 |" in matched and "k1" not in matched
     for png in ("p.png", "a.png", "b.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -377,16 +375,14 @@ def test_sequence_csv(tmp_path):
 @pytest.mark.gemma
 def test_e2e_ci_study(tmp_path):
     """`snakemake --cores 2 --resources gpu=0 --configfile .test/config.yaml` on Gemma 3 270M
-    and ../shared/data; a prepared model in BLOCKPRUNER_GEMMA_DIR is reused (saves ~3 min).
+    and the demo data bundle; a prepared model in BLOCKPRUNER_GEMMA_DIR is reused (saves ~3 min).
     With BLOCKPRUNER_E2E_DIR the study runs there (emptied first) and is kept: CI compares
     the same study run through SLURM with it (.ci/slurm, BLOCKPRUNER_REFERENCE)."""
-    if not DATA.exists():
-        pytest.fail(f"{DATA} not found: the end-to-end test needs ../shared/data (or BLOCKPRUNER_SHARED)")
     if os.environ.get("BLOCKPRUNER_E2E_DIR"):
         tmp_path = Path(os.environ["BLOCKPRUNER_E2E_DIR"]).resolve()
         shutil.rmtree(tmp_path, ignore_errors=True)
         tmp_path.mkdir(parents=True)
-    main = copy_workflow(tmp_path, shared=SHARED)
+    main = copy_workflow(tmp_path, whole_study=True)
     prepared = os.environ.get("BLOCKPRUNER_GEMMA_DIR")
     if prepared and (Path(prepared) / "manifest.json").exists():
         dest = main / "results/models/gemma3-270m"

@@ -17,7 +17,7 @@ runs when asked to trust it. That code runs only with `prepare_model(..., trust_
 (`--trust-remote-code`); the choice is recorded in the manifest, and every later load of the
 prepared directory (model, tokenizer) follows it. A model that needs its own code and is not
 trusted is refused from its config.json alone, before any weights are read. Materialised
-(pruned) directories are always loaded with the package's own modeling code.
+(pruned) and SliceGPT-sliced directories are always loaded with the package's own modeling code.
 """
 
 from __future__ import annotations
@@ -310,10 +310,18 @@ def is_pruned(directory: str | Path) -> bool:
     return isinstance(pruning, dict) and pruning.get("format") == PRUNED_FORMAT
 
 
+def is_sliced(directory: str | Path) -> bool:
+    """A directory written by SliceGPT compression (loaded with the package's own classes, never the directory's)."""
+    from ..compress.sliced_modeling import FORMAT as SLICED_FORMAT
+
+    record = _directory_config(directory).get("slicegpt")
+    return isinstance(record, dict) and record.get("format") == SLICED_FORMAT
+
+
 def trusts_remote_code(directory: str | Path, manifest: dict) -> bool:
     """The manifest's remote-code choice; a directory that needs code its manifest does not trust is refused."""
     trusted = bool(manifest.get("trust_remote_code", False))
-    if not trusted and not is_pruned(directory):
+    if not trusted and not is_pruned(directory) and not is_sliced(directory):
         why = remote_code_reason(_directory_config(directory))
         if why:
             raise UserError(f"model {directory} ships its own modeling code ({why}) but its manifest.json does not "
@@ -327,7 +335,7 @@ def load_tokenizer(directory: str | Path, manifest: dict | None = None):
 
     manifest = manifest if manifest is not None else read_manifest(directory)
     kwargs = {"trust_remote_code": trusts_remote_code(directory, manifest)}
-    if is_pruned(directory):  # its config.json names modeling_blockpruner.py: read it with transformers' own class
+    if is_pruned(directory) or is_sliced(directory):  # config.json names the package's own modeling file
         kwargs["config"] = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     return _auto_tokenizer(directory, str(directory), f"prepare it again with --trust-remote-code ({TRUST_WORKFLOW})",
                            **kwargs)
@@ -338,7 +346,7 @@ def load_prepared(directory: str | Path, dtype: str | None = None, device: str =
     """Load a prepared (or materialised) model directory -> (model in eval mode, tokenizer or None, manifest).
 
     Remote code runs only if the manifest trusts it; a materialised directory is loaded by
-    `load_pruned`, which never runs the directory's code.
+    `load_pruned` and a SliceGPT-sliced one by `load_sliced`, which never run the directory's code.
     """
     from transformers import AutoModelForCausalLM
 
@@ -347,6 +355,12 @@ def load_prepared(directory: str | Path, dtype: str | None = None, device: str =
         from ..export.materialize import load_pruned
 
         model = load_pruned(directory, dtype or manifest["dtype"], device, device_map=device_map)
+    elif is_sliced(directory):
+        from ..compress.slicegpt import load_sliced
+
+        if device_map:
+            raise UserError(f"{directory}: a SliceGPT model loads on one device; drop --device-map")
+        model = load_sliced(directory, torch_dtype(dtype or manifest["dtype"]), resolve_device(device))
     else:
         kwargs = {"dtype": torch_dtype(dtype or manifest["dtype"]),
                   "trust_remote_code": trusts_remote_code(directory, manifest)}

@@ -19,7 +19,7 @@ checksum), and a search must be steps 1..K, each continuing the previous one.
 | `attention_share`      | Figure 5                 | per search and K: attention / MLP removed   |
 | `calibration_effect`   | Figure 7                 | per calibration set and K, with its size    |
 | `pruning_time`         | Table 7                  | per search: selection time to the budget    |
-| `match_budgets`        | Table 1's matching       | per method: the K nearest a target ratio    |
+| `match_budgets`        | Table 1's matching       | per method: the smallest K at or above a ratio |
 
 Only `bi_layer_vs_block` loads a model; the rest read JSON.
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..artifacts import atomic_write, read_json, write_csv
 from ..errors import UserError
-from .summary import EVAL_KINDS, classify
+from .summary import EVAL_KINDS, classify, compression_record
 
 log = logging.getLogger("blockpruner.analyses")
 
@@ -44,13 +44,20 @@ Key = tuple[str, str, str]  # model, calib, method
 
 
 def match_budgets(steps_by_method: dict[str, list[dict]], ratio: float, key: str = "ratio") -> dict[str, int]:
-    """For each method, the K whose pruning ratio is nearest `ratio` (ties: smaller K) --
-    how the paper compares methods at equal parameter budgets."""
-    from ..search.greedy import nearest_k
-
+    """For each method, the smallest K whose pruning ratio is at or above `ratio` -- Table 1's
+    rule (Llama2-7B: BlockPruner at 21.99% against the layer baselines' 21.02%), so a method
+    never wins by removing less. Methods whose steps do not reach `ratio` are left out."""
     if not 0 < ratio < 1:
         raise UserError(f"target ratio must be between 0 and 1, got {ratio}")
-    return {method: nearest_k(steps, ratio, key) for method, steps in steps_by_method.items()}
+    matched = {}
+    for method, steps in steps_by_method.items():
+        k = next((s["k"] for s in steps if s["params"][key] >= ratio - 1e-12), None)
+        if k is None:
+            log.warning("%s: its %d steps stop at ratio %.4f < %g; left out of the comparison", method, len(steps),
+                        steps[-1]["params"][key] if steps else 0.0, ratio)
+        else:
+            matched[method] = k
+    return matched
 
 
 def pruning_s(chain: list[dict], k: int) -> float | None:
@@ -72,7 +79,8 @@ def expand(paths) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*.json") if q.name.startswith("step_") or q.stem in EVAL_KINDS)
+            found = sorted(q for q in p.rglob("*.json") if q.name.startswith("step_") or q.stem in EVAL_KINDS
+                           or (q.name == "manifest.json" and len(q.parts) >= 6 and q.parts[-6] == "pruned"))
             out += found
         elif p.exists():
             out.append(p)
@@ -91,9 +99,13 @@ class Study:
         self.key = "ratio_no_embed" if ratio_of == "no_embed" else "ratio"
         steps, self.evals, self.dense = defaultdict(list), defaultdict(dict), defaultdict(dict)
         self.paths: dict[Key, list[Path]] = defaultdict(list)
+        self.compressed: dict[tuple, dict] = {}  # (model, calib, method, pruning) -> its manifest
         for p in expand(paths):
             what, label = classify(p)
-            if what == "step":
+            if what == "compressed":
+                if (rec := compression_record(p)) is not None:
+                    self.compressed[label] = rec
+            elif what == "step":
                 from ..search.greedy import read_step
 
                 steps[label[:3]].append(read_step(p))
@@ -115,6 +127,10 @@ class Study:
         self.by_k: dict[tuple, dict] = {}  # (model, calib, method, K) -> {kind: artifact}
         for (model, calib, method, pruning), ev in self.evals.items():
             chain = self.chains.get((model, calib, method))
+            if (model, calib, method, pruning) in self.compressed:
+                continue  # compressed_rows() reports it
+            if "+" in pruning:
+                continue  # a compensated variant (<pruning>+<comp>): the summary reports it beside its pruning
             if not chain:
                 log.warning("no search steps for %s/%s/%s: its evaluations (%s) are left out", model, calib, method, pruning)
                 continue
@@ -141,6 +157,22 @@ class Study:
             out.append(self._row(model, calib, method, 0, None, dense, chain))
             for step in chain:
                 out.append(self._row(model, calib, method, step["k"], step, self.by_k.get((model, calib, method, step["k"]), {}), chain))
+        return out
+
+    def compressed_rows(self) -> list[dict]:
+        """One row per compressed model (SliceGPT, LaCo): no K or blocks, the ratio it achieved."""
+        out = []
+        for (model, calib, method, pruning), rec in sorted(self.compressed.items()):
+            ev = self.evals.get((model, calib, method, pruning), {})
+            ppl, tasks = ev.get("ppl"), ev.get("tasks")
+            r = {"model": model, "calib": calib, "method": method, "algorithm": rec.get("method"), "k": None,
+                 "ratio": rec["ratio"], "ratio_no_embed": rec.get("ratio_no_embed"), "attn_removed": None,
+                 "mlp_removed": None, "removed_block": "", "calib_ppl": None, "wikitext2_ppl": ppl["ppl"] if ppl else None}
+            for t in self.tasks:
+                r[t] = tasks["tasks"][t]["value"] if tasks and t in tasks["tasks"] else None
+            r["average"] = tasks["average"] if tasks else None
+            r["pruning_s"] = rec.get("elapsed_s")
+            out.append(r)
         return out
 
     def _row(self, model, calib, method, k, step, ev, chain) -> dict:
@@ -235,7 +267,7 @@ def metrics_vs_ratio(paths, csv_out: str | Path, png_out: str | Path, ratio_of: 
     calibration perplexity of every step (from the step files alone), one row per model.
     """
     study = Study(paths, ratio_of)
-    rows = study.rows()
+    rows = study.rows() + study.compressed_rows()
     write_csv(csv_out, rows)
     metrics = [m for m in METRIC_TITLES if any(_finite(r[m]) for r in rows)]
     models = sorted({r["model"] for r in rows})
@@ -314,7 +346,7 @@ def calibration_effect(paths, csv_out: str | Path, png_out: str | Path, ratio: f
     (from its manifest: `calib_dirs[name]`, else the path the steps recorded). Panels: the
     best available metric (WikiText-2 ppl, else average accuracy, else calibration ppl) vs
     ratio, one line per calibration set; with `ratio`, that metric at each search's K
-    nearest the ratio against the sample count.
+    at or above the ratio against the sample count.
     """
     study = Study(paths, ratio_of)
     calib_dirs = calib_dirs or {}
@@ -326,7 +358,7 @@ def calibration_effect(paths, csv_out: str | Path, png_out: str | Path, ratio: f
     if ratio is not None:
         k_of = match_budgets({key: chain for key, chain in study.chains.items()}, ratio, study.key)
         for r in rows:
-            r["matched"] = k_of[(r["model"], r["calib"], r["method"])] == r["k"]
+            r["matched"] = k_of.get((r["model"], r["calib"], r["method"])) == r["k"]
             if r["matched"]:
                 matched[(r["model"], r["calib"], r["method"])] = r
     write_csv(csv_out, rows)
@@ -354,7 +386,7 @@ def calibration_effect(paths, csv_out: str | Path, png_out: str | Path, ratio: f
         ax.set_xscale("log", base=2)
         ax.set_xlabel("calibration samples")
         ax.set_ylabel(METRIC_TITLES[metric])
-        ax.set_title(f"at the K nearest {100 * ratio:g}% removed", fontsize=10)
+        ax.set_title(f"at the smallest K removing >= {100 * ratio:g}%", fontsize=10)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
@@ -367,11 +399,13 @@ def calibration_effect(paths, csv_out: str | Path, png_out: str | Path, ratio: f
 
 def pruning_time(paths, csv_out: str | Path, png_out: str | Path, ratio: float | None = None,
                  ratio_of: str = "all") -> list[dict]:
-    """Selection time of each search to reach a budget (the K nearest `ratio`, else its last K)."""
+    """Selection time of each search to reach a budget (the smallest K at or above `ratio`, else its last K)."""
     study = Study(paths, ratio_of)
     ks = match_budgets(study.chains, ratio, study.key) if ratio is not None else {k: len(c) for k, c in study.chains.items()}
     rows = []
     for key, chain in study.chains.items():
+        if key not in ks:
+            continue
         k = ks[key]
         s = chain[k - 1]
         rows.append({"model": key[0], "calib": key[1], "method": key[2], "algorithm": s["settings"]["method"], "k": k,
@@ -381,7 +415,7 @@ def pruning_time(paths, csv_out: str | Path, png_out: str | Path, ratio: float |
                      "block_forwards": sum(x.get("cost", {}).get("block_forwards", 0) for x in chain[:k]),
                      "head_tokens": sum(x.get("cost", {}).get("head_tokens", 0) for x in chain[:k])})
     write_csv(csv_out, rows)
-    title = "pruning time" + (f" at the K nearest {100 * ratio:g}% removed" if ratio is not None else "")
+    title = "pruning time" + (f" at the smallest K removing >= {100 * ratio:g}%" if ratio is not None else "")
     shown = [r for r in rows if _finite(r["pruning_s"])]
     if not shown:
         _no_data(png_out, title)
@@ -399,11 +433,26 @@ def pruning_time(paths, csv_out: str | Path, png_out: str | Path, ratio: float |
     return rows
 
 
+def matched_compressed(rows: list[dict], ratio: float, key: str) -> list[dict]:
+    """Per compressed method (SliceGPT, LaCo), its model with the smallest achieved ratio at or
+    above `ratio`, as a search's K is matched; a method none of whose models reaches it is left out."""
+    out = []
+    for method in sorted({(r["model"], r["calib"], r["method"]) for r in rows}):
+        reaching = [r for r in rows if (r["model"], r["calib"], r["method"]) == method and r[key] is not None
+                    and r[key] >= ratio]
+        if reaching:
+            out.append(min(reaching, key=lambda r: r[key]))
+        else:
+            log.warning("%s: no compressed model reaches ratio %g; left out", "/".join(method), ratio)
+    return out
+
+
 def budget_table(paths, ratio: float, csv_out: str | Path | None = None, ratio_of: str = "all") -> list[dict]:
-    """Each search's K nearest `ratio`, with its ratio and metrics (a comparison at equal budgets)."""
+    """Each search's smallest K at or above `ratio`, with its ratio and metrics (Table 1's comparison)."""
     study = Study(paths, ratio_of)
     ks = match_budgets(study.chains, ratio, study.key)
-    rows = [r for r in study.rows() if ks[(r["model"], r["calib"], r["method"])] == r["k"]]
+    rows = [r for r in study.rows() if ks.get((r["model"], r["calib"], r["method"])) == r["k"]]
+    rows += matched_compressed(study.compressed_rows(), ratio, study.key)
     if csv_out:
         write_csv(csv_out, rows)
     return rows

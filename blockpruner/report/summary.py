@@ -6,11 +6,13 @@ paths, so a table never mixes in stale files that merely lie in the same folder)
     .../search/<model>/<calib>/<method>/step_<k>.json         greedy search steps
     .../eval/<model>/dense/{ppl,tasks,speed}.json              the dense model
     .../eval/<model>/<calib>/<method>/<pruning>/{...}.json     a pruned model, pruning = k<K> | r<ratio>
+    .../pruned/<model>/<calib>/<method>/r<ratio>/manifest.json a compressed model (SliceGPT, LaCo)
 
 Each row is one evaluated model: K and the pruning ratio come from the search step of that
 K (a ratio target r<x> resolves to the smallest K whose ratio reaches x, exactly as
-`blockpruner target-k` does for the materialised model). Every JSON artifact is checked
-(format tag and checksum) before use.
+`blockpruner target-k` does for the materialised model). A compressed model has no steps:
+its ratio is the one it achieved, from its manifest. Every JSON
+artifact is checked (format tag and checksum) before use.
 
 `sequence` writes the removal sequence of one search as a CSV a person can read.
 """
@@ -99,7 +101,10 @@ def classify(path: Path) -> tuple[str, tuple]:
         if len(path.parts) < 5:
             raise UserError(f"{path}: an evaluation must lie in <model>/<calib>/<method>/<pruning>/")
         return "eval", (path.stem, path.parts[-5], path.parts[-4], path.parts[-3], path.parent.name)
-    raise UserError(f"{path}: not a step_<k>.json or {{{','.join(EVAL_KINDS)}}}.json of the workflow's layout")
+    if name == "manifest.json" and len(path.parts) >= 6 and path.parts[-6] == "pruned":  # a compressed model's ratio
+        return "compressed", (path.parts[-5], path.parts[-4], path.parts[-3], path.parent.name)
+    raise UserError(f"{path}: not a step_<k>.json, {{{','.join(EVAL_KINDS)}}}.json or compressed model's manifest.json "
+                    "of the workflow's layout")
 
 
 def resolve_k(pruning: str, steps: list[dict], ratio_of: str) -> int | None:
@@ -115,13 +120,42 @@ def resolve_k(pruning: str, steps: list[dict], ratio_of: str) -> int | None:
     return steps_to_ratio(steps, float(pruning[1:]), "ratio_no_embed" if ratio_of == "no_embed" else "ratio")
 
 
+COMPRESSORS = ("slicegpt", "laco")
+
+
+def compression_record(path: Path) -> dict | None:
+    """A compressed model's manifest.json (SliceGPT, LaCo: `method`, the achieved `ratio`, ...);
+    None for a materialised model's manifest, whose step files describe it."""
+    manifest = read_json(path)
+    if manifest.get("method") not in COMPRESSORS:
+        return None
+    if not isinstance(manifest.get("ratio"), (int, float)):
+        raise UserError(f"{path}: a {manifest['method']} manifest without its achieved ratio; compress the model again")
+    return manifest
+
+
+def compressed_columns(rec: dict) -> dict:
+    """A compressed model's pruning columns: no K or blocks, its achieved ratios and what it removed."""
+    if rec.get("layers_removed") is not None:  # LaCo
+        what = "layers " + " ".join(map(str, rec["layers_removed"]))
+    elif rec.get("sliced_size") is not None:  # SliceGPT
+        what = f"width {rec['sliced_size']} of {rec['hidden_size']}"
+    else:
+        what = ""
+    return {"k": None, "attn_removed": None, "mlp_removed": None, "ratio": rec["ratio"],
+            "ratio_no_embed": rec.get("ratio_no_embed"), "removed_blocks": f"{rec['method']}: {what}".rstrip(": ")}
+
+
 def collect(paths: list[str | Path], ratio_of: str = "all") -> tuple[list[dict], list[str], dict]:
     """Table rows (dicts), the task names in order, and the step chains per search."""
-    step_paths, evals = defaultdict(list), {}
+    step_paths, evals, compressed = defaultdict(list), {}, {}
     for p in map(Path, paths):
         what, key = classify(p)
         if what == "step":
             step_paths[key[:3]].append(p)
+        elif what == "compressed":
+            if (rec := compression_record(p)) is not None:
+                compressed[key] = rec
         else:
             kind, *label = key
             row = evals.setdefault(tuple(label), Row(*label))
@@ -136,21 +170,30 @@ def collect(paths: list[str | Path], ratio_of: str = "all") -> tuple[list[dict],
                 tasks.append(t)
     out = []
     for row in evals.values():
+        label = (row.model, row.calib, row.method, row.pruning)
         chain = chains.get(row.key, [])
-        k = resolve_k(row.pruning, chain, ratio_of)
+        base, _, compensation = row.pruning.partition("+")  # k4+scale: K=4 with a folded correction
+        k = None if label in compressed else resolve_k(base, chain, ratio_of)
         step = chain[k - 1] if k and k <= len(chain) else None
-        r = {"model": row.model, "calib": row.calib, "method": row.method, "pruning": row.pruning, "k": k,
+        r = {"model": row.model, "calib": row.calib, "method": row.method, "pruning": row.pruning,
+             "compensation": compensation or "none", "k": k,
              "attn_removed": step["attn_removed"] if step else (0 if k == 0 else None),
              "mlp_removed": step["mlp_removed"] if step else (0 if k == 0 else None),
              "ratio": step["params"]["ratio"] if step else (0.0 if k == 0 else None),
              "ratio_no_embed": step["params"]["ratio_no_embed"] if step else (0.0 if k == 0 else None),
              "removed_blocks": " ".join(step["removed"]) if step else ""}
+        if label in compressed:
+            r |= compressed_columns(compressed[label])
         ppl = row.evals.get("ppl")
         r["wikitext2_ppl"] = ppl["ppl"] if ppl else None
         t = row.evals.get("tasks")
         for name in tasks:
             r[name] = t["tasks"][name]["value"] if t and name in t["tasks"] else None
         r["average"] = t["average"] if t else None
+        # what the figures were computed with (lm-eval changes accuracies across versions)
+        r["lm_eval_version"] = t.get("lm_eval_version") if t else None
+        r["add_bos_token"] = t.get("add_bos_token", "auto") if t else None
+        r["numerics"] = next((e.get("numerics", "fp32") for e in (ppl, t) if e), None)
         s = row.evals.get("speed")
         r["speedup"] = s.get("speedup") if s else None
         r["kv_cache_reduction"] = s.get("kv_cache_reduction") if s else None
@@ -168,8 +211,9 @@ def _fmt(v, spec: str, scale: float = 1.0) -> str:
     return format(v * scale, spec)
 
 
-def markdown(rows: list[dict], tasks: list[str], ratio_of: str) -> str:
-    """The table as Markdown: accuracies and ratios in %, perplexity and speed-up as numbers."""
+def markdown(rows: list[dict], tasks: list[str], ratio_of: str, note: str | None = None) -> str:
+    """The table as Markdown: accuracies and ratios in %, perplexity and speed-up as numbers;
+    `note` (the config's `note`, e.g. that the data is a demo slice) is printed under it."""
     head = ["Model", "Method", "Calib", "Pruning", "K (attn+mlp)", "Ratio", "WikiText-2 PPL ↓"]
     head += [TASK_TITLES.get(t, t) for t in tasks] + ["Avg ↑", "Speed-up", "KV-cache red."]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
@@ -187,9 +231,46 @@ def markdown(rows: list[dict], tasks: list[str], ratio_of: str) -> str:
         "",
         f"Ratio: share of {what} removed. Accuracies in % (acc_norm where the task has it, else acc), zero-shot "
         "unless configured otherwise. Speed-up: dense / pruned generation time; KV-cache red.: share of KV-cache "
-        "bytes per token saved. K = 0 is the dense model; r<x> targets resolve to the smallest K reaching the ratio.",
+        "bytes per token saved. K = 0 is the dense model; r<x> targets resolve to the smallest K reaching the ratio; compressed models "
+        "(SliceGPT, LaCo) have no K and show the ratio they achieved.",
     ]
-    return "\n".join(["# BlockPruner study", ""] + lines + notes) + "\n"
+    notes += evaluated_with(rows)
+    if note and note.strip():
+        notes += ["", f"Note: {' '.join(note.split())}"]
+    return "\n".join(["# BlockPruner study", ""] + lines + notes + matched_budgets(rows, tasks, ratio_of)) + "\n"
+
+
+def evaluated_with(rows: list[dict]) -> list[str]:
+    """A footnote naming the lm-eval version, its BOS setting and the numerics of the figures."""
+    def values(key):
+        return sorted({str(r[key]) for r in rows if r.get(key) is not None})
+
+    parts = []
+    if values("lm_eval_version"):
+        parts.append(f"zero-shot accuracies from lm-eval {', '.join(values('lm_eval_version'))} with BOS "
+                     f"{', '.join(values('add_bos_token'))} (auto = the tokenizer's choice; no = as lm-eval 0.4.0, "
+                     "the paper's harness)")
+    if values("numerics"):
+        parts.append(f"numerics {', '.join(values('numerics'))}")
+    return ["", "Evaluated with: " + "; ".join(parts) + "."] if parts else []
+
+
+def matched_budgets(rows: list[dict], tasks: list[str], ratio_of: str) -> list[str]:
+    """Table 1's comparison: per model and ratio target r<x>, every method at its smallest K
+    removing at least x (compressed models at the ratio they reached)."""
+    key = "ratio_no_embed" if ratio_of == "no_embed" else "ratio"
+    targets = sorted({(r["model"], r["pruning"].partition("+")[0]) for r in rows if r["pruning"].startswith("r")})
+    if not targets:
+        return []
+    lines = ["", "## Matched budgets (Table 1's rule)", "",
+             "| Model | Target | Method | K | Ratio | WikiText-2 PPL ↓ | Avg ↑ |", "|---|---|---|---:|---:|---:|---:|"]
+    for model, target in targets:
+        for r in (r for r in rows if r["model"] == model and r["pruning"].partition("+")[0] == target):
+            method = r["method"] if r["compensation"] == "none" else f"{r['method']}+{r['compensation']}"
+            lines.append(f"| {model} | ≥ {_fmt(float(target[1:]), '.2f', 100)}% | {method} | "
+                         f"{'–' if r['k'] is None else r['k']} | {_fmt(r[key], '.2f', 100)}% | "
+                         f"{_fmt(r['wikitext2_ppl'], '.2f')} | {_fmt(r['average'], '.2f', 100)} |")
+    return lines
 
 
 # ---------------------------------------------------------------- plots
@@ -234,10 +315,12 @@ def plot_metric_vs_ratio(rows: list[dict], metric: str, ylabel: str, path: str |
     for ax, model in zip(axes, models):
         mine = [r for r in rows if r["model"] == model and r[metric] is not None and r[key] is not None]
         dense = [r for r in mine if r["pruning"] == "dense"]
-        for calib, method in sorted({(r["calib"], r["method"]) for r in mine if r["pruning"] != "dense"}):
-            pts = sorted({(r[key], r[metric]) for r in mine if (r["calib"], r["method"]) == (calib, method)} |
-                         {(d[key], d[metric]) for d in dense})
-            ax.plot([100 * x for x, _ in pts], [scale * y for _, y in pts], marker="o", label=f"{method} ({calib})")
+        lines = sorted({(r["calib"], r["method"], r["compensation"]) for r in mine if r["pruning"] != "dense"})
+        for calib, method, comp in lines:
+            pts = sorted({(r[key], r[metric]) for r in mine if (r["calib"], r["method"], r["compensation"]) == (calib, method, comp)}
+                         | {(d[key], d[metric]) for d in dense})
+            name = method if comp == "none" else f"{method}+{comp}"
+            ax.plot([100 * x for x, _ in pts], [scale * y for _, y in pts], marker="o", label=f"{name} ({calib})")
         if dense and len(ax.lines) == 0:
             ax.plot([0], [scale * dense[0][metric]], marker="o", label="dense")
         ax.set_title(model)
@@ -280,12 +363,12 @@ def plot_blocks_per_step(chains: dict, path: str | Path) -> None:
 
 def summarize(paths: list[str | Path], csv_out: str | Path, md_out: str | Path, ratio_of: str = "all",
               plot_ppl: str | Path | None = None, plot_accuracy: str | Path | None = None,
-              plot_blocks: str | Path | None = None) -> list[dict]:
+              plot_blocks: str | Path | None = None, note: str | None = None) -> list[dict]:
     if ratio_of not in ("all", "no_embed"):
         raise UserError(f"ratio_of must be all or no_embed, got {ratio_of!r}")
     rows, tasks, chains = collect(paths, ratio_of)
     write_csv(csv_out, rows)
-    atomic_write_text(md_out, markdown(rows, tasks, ratio_of))
+    atomic_write_text(md_out, markdown(rows, tasks, ratio_of, note))
     if plot_ppl:
         plot_metric_vs_ratio(rows, "wikitext2_ppl", "WikiText-2 perplexity", plot_ppl, ratio_of, log_y=True)
     if plot_accuracy:

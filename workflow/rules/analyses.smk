@@ -3,16 +3,20 @@
 #     ratio      accuracy / perplexity vs pruning ratio per method (Figures 4, 6, 10)
 #     attention  attention share among removed blocks (Figure 5)
 #     time       pruning time (Table 7)
+#     calibration  effect of the calibration set and its sample count (Figure 7)
+#   time and calibration compare searches at analyses.budget_ratio (Table 1's rule: each
+#   search's smallest K removing at least that share).
 #   analyze_bi:  Block Influence at layer vs block level on the dense model (Figure 1)
 # Built by `snakemake analyses` (or as part of `all` when `analyses.enabled` is true).
 
-ANALYSES = ["ratio", "attention", "time"]
+ANALYSES = ["ratio", "attention", "time", "calibration"]
 
 
 rule analyze_study:
     input:
         evals=eval_outputs(),
         steps=search_outputs(),
+        compressed=compress_outputs(),
     output:
         csv="results/analyses/{analysis}.csv",
         png=report("results/analyses/{analysis}.png", caption="../report/analyses.rst", category="Analyses"),
@@ -20,6 +24,7 @@ rule analyze_study:
         analysis="|".join(ANALYSES),
     params:
         ratio_of=lookup(dpath="prunings/ratio_of", within=config),
+        budget=analysis_budget,
         code=lambda wildcards: code_hash(f"analyze-{wildcards.analysis}"),
     message:
         "Analysis '{wildcards.analysis}' of the study -> {output.csv}"
@@ -33,8 +38,8 @@ rule analyze_study:
     resources:
         **job_resources("analyze_study", gpu=False),
     shell:
-        "python -m blockpruner.cli analyze-{wildcards.analysis} --ratio-of {params.ratio_of}"
-        " --csv {output.csv:q} --png {output.png:q} {input.evals:q} {input.steps:q} > {log} 2>&1"
+        "python -m blockpruner.cli analyze-{wildcards.analysis} --ratio-of {params.ratio_of} {params.budget}"
+        " --csv {output.csv:q} --png {output.png:q} {input.evals:q} {input.steps:q} {input.compressed:q} > {log} 2>&1"
 
 
 rule analyze_bi:

@@ -17,6 +17,7 @@ rule sample_calibration:
         seed=lookup(dpath="calibration/{calib}/seed", within=config),
         seqlen=lookup(dpath="calibration/{calib}/seqlen", within=config),
         mode=lookup(dpath="calibration/{calib}/mode", within=config),
+        sampling=lookup(dpath="calibration/{calib}/sampling", within=config),
         max_windows=option("--max-windows", "calibration/{calib}/max_windows"),
         model_dir=dirname_of("model"),
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
@@ -36,5 +37,5 @@ rule sample_calibration:
     shell:
         "python -m blockpruner.cli sample-calibration --model {params.model_dir:q} --data {params.data:q} {params.hub_config}"
         " --split {params.split:q} --text-field {params.text_field:q} --nsamples {params.nsamples}"
-        " --seed {params.seed} --seqlen {params.seqlen} --mode {params.mode} {params.max_windows} --out {params.out_dir:q}"
+        " --seed {params.seed} --seqlen {params.seqlen} --mode {params.mode} --sampling {params.sampling} {params.max_windows} --out {params.out_dir:q}"
         " > {log} 2>&1"

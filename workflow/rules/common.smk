@@ -4,6 +4,7 @@
 # exactly the jobs that use it) and call one `blockpruner` subcommand; the input and params
 # functions of single rules are in inputs.smk, the code rerun triggers in code.smk.
 
+import json
 import os
 import re
 import shlex
@@ -19,8 +20,14 @@ REPO = Path(workflow.basedir).resolve()
 MODELS = sorted(config["models"])
 CALIBS = sorted(config["calibration"])
 METHODS = sorted(config["methods"])
+# algorithms that rewrite the model instead of searching blocks to remove: no step files, one
+# compress_model job per ratio target (compress.smk)
+COMPRESSORS = ("slicegpt", "laco")
+COMPRESS_METHODS = [m for m in METHODS if config["methods"][m]["algorithm"] in COMPRESSORS]
+SEARCH_METHODS = [m for m in METHODS if m not in COMPRESS_METHODS]
 KS = sorted(config["prunings"]["k"])
-RATIOS = sorted(config["prunings"]["ratio"])
+RATIOS_OF = {m: sorted(config["prunings"]["ratio_by_model"].get(m, config["prunings"]["ratio"])) for m in MODELS}
+RATIOS = sorted({r for rs in RATIOS_OF.values() for r in rs})  # every model's, for the checks and the search depth
 MAX_K = config["search"]["max_k"]
 TASK_NAMES = config["evaluate"]["tasks"]["tasks"]
 
@@ -48,7 +55,7 @@ wildcard_constraints:
     shard=r"[0-9]+",
     nshards=r"[1-9][0-9]*",
     pruning=r"k[1-9][0-9]*|r0\.[0-9]+",
-    variant=rf"dense|{NAME}/{NAME}/(k[1-9][0-9]*|r0\.[0-9]+)",
+    variant=rf"dense|{NAME}/{NAME}/(k[1-9][0-9]*|r0\.[0-9]+)(\+[a-z]+)?",  # +{comp}: compensate.smk
 
 
 # ------------------------------------------------------------------ config checks
@@ -90,6 +97,17 @@ for _name, _m in config["methods"].items():
         config_error(f"methods.{_name}.screen", "give windows and confirm_top (e.g. {windows: 2, confirm_top: 4})")
     if _m.get("screen") and _m["algorithm"] == "blockpruner" and config["search"]["shards"] > 1:
         config_error(f"methods.{_name}.screen", "a screened search cannot be sharded; set search.shards: 1 or drop screen")
+    if _m.get("settings") is not None and _m["algorithm"] not in COMPRESSORS:
+        config_error(f"methods.{_name}.settings", f"only the slicegpt and laco algorithms take settings, not {_m['algorithm']}")
+for _name in config["prunings"]["ratio_by_model"]:
+    if _name not in MODELS:
+        config_error(f"prunings.ratio_by_model.{_name}", f"no such model; models: {', '.join(MODELS)}")
+if COMPRESS_METHODS and not all(RATIOS_OF.values()):
+    config_error(f"methods.{COMPRESS_METHODS[0]}", "slicegpt and laco compress to a parameter ratio: give prunings.ratio "
+                 "(prunings.k applies to the search methods only)")
+if COMPRESS_METHODS and config["prunings"]["ratio_of"] != "all":
+    config_error(f"methods.{COMPRESS_METHODS[0]}", "slicegpt and laco target a ratio of all parameters: set "
+                 "prunings.ratio_of: all")
 if not KS and not RATIOS and not config["evaluate"]["dense"]:
     config_error("prunings", "nothing to do: give prunings.k and/or prunings.ratio, or evaluate.dense: true")
 if len({ratio_label(r) for r in RATIOS}) != len(RATIOS):
@@ -124,8 +142,11 @@ def job_resources(name, gpu=True):
 # ------------------------------------------------------------------ result paths
 
 
-def pruning_labels():
-    return [f"k{k}" for k in KS] + [ratio_label(r) for r in RATIOS]
+def pruning_labels(method, model):
+    """Labels of the prunings of a method on a model: K and ratio targets, ratio targets only
+    for a compressor."""
+    ks = [] if method in COMPRESS_METHODS else [f"k{k}" for k in KS]
+    return ks + [ratio_label(r) for r in RATIOS_OF[model]]
 
 
 def search_depth():
@@ -141,10 +162,11 @@ def steps_upto(wildcards, n):
     return [step_path(wildcards.model, wildcards.calib, wildcards.method, i) for i in range(1, n + 1)]
 
 
-def eval_variants():
-    """dense and {calib}/{method}/{pruning} labels of every evaluated model, per model."""
-    pruned = [f"{c}/{m}/{p}" for c in CALIBS for m in METHODS for p in pruning_labels()]
-    return (["dense"] if config["evaluate"]["dense"] else []) + pruned
+def eval_variants(model):
+    """dense, {calib}/{method}/{pruning} and {calib}/{method}/{pruning}+{comp} labels of every
+    evaluated variant of a model (compensated_variants: inputs.smk)."""
+    pruned = [f"{c}/{m}/{p}" for c in CALIBS for m in METHODS for p in pruning_labels(m, model)]
+    return (["dense"] if config["evaluate"]["dense"] else []) + pruned + compensated_variants(model)
 
 
 EVAL_KINDS = [
@@ -155,19 +177,25 @@ EVAL_KINDS = [
 
 
 def eval_outputs():
-    return [f"results/eval/{m}/{v}/{kind}.json" for m in MODELS for v in eval_variants() for kind in EVAL_KINDS]
+    return [f"results/eval/{m}/{v}/{kind}.json" for m in MODELS for v in eval_variants(m) for kind in EVAL_KINDS]
 
 
 def search_outputs():
     """Every step of every search (1..search_depth())."""
     n = search_depth()
-    return [step_path(m, c, meth, k) for m in MODELS for c in CALIBS for meth in METHODS for k in range(1, n + 1)]
+    return [step_path(m, c, meth, k) for m in MODELS for c in CALIBS for meth in SEARCH_METHODS for k in range(1, n + 1)]
+
+
+def compress_outputs():
+    """The manifests of the compressed models (their achieved ratios go into the summary)."""
+    return [f"results/pruned/{m}/{c}/{meth}/{ratio_label(r)}/manifest.json"
+            for m in MODELS for c in CALIBS for meth in COMPRESS_METHODS for r in RATIOS_OF[m]]
 
 
 def sequence_outputs():
     if not search_depth():
         return []
-    return [f"results/search/{m}/{c}/{meth}/sequence.csv" for m in MODELS for c in CALIBS for meth in METHODS]
+    return [f"results/search/{m}/{c}/{meth}/sequence.csv" for m in MODELS for c in CALIBS for meth in SEARCH_METHODS]
 
 
 # ------------------------------------------------------------------ small helpers for params

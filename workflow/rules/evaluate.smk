@@ -14,6 +14,7 @@ rule eval_perplexity:
         hub_config=perplexity_hub_config(),
         seqlen=lookup(dpath="evaluate/perplexity/seqlen", within=config),
         max_windows=option("--max-windows", "evaluate/perplexity/max_windows"),
+        numerics=config["numerics"],
         model_dir=dirname_of("model"),
         code=code_hash("eval-ppl"),
     message:
@@ -30,7 +31,7 @@ rule eval_perplexity:
     shell:
         "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli eval-ppl --model {params.model_dir:q} --data {params.data:q}"
         " {params.hub_config} --seqlen {params.seqlen} {params.max_windows}"
-        " --device auto --out {output.json:q} > {log} 2>&1"
+        " --numerics {params.numerics} --device auto --out {output.json:q} > {log} 2>&1"
 
 
 rule eval_tasks:
@@ -43,6 +44,8 @@ rule eval_tasks:
         local_data=tasks_local_data(),
         num_fewshot=lookup(dpath="evaluate/tasks/num_fewshot", within=config),
         batch_size=lookup(dpath="evaluate/tasks/batch_size", within=config),
+        add_bos_token=tasks_bos(),
+        numerics=config["numerics"],
         limit=option("--limit", "evaluate/tasks/limit"),
         model_dir=dirname_of("model"),
         code=code_hash("eval-tasks"),
@@ -60,6 +63,7 @@ rule eval_tasks:
     shell:
         "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli eval-tasks --model {params.model_dir:q} --tasks {params.tasks}"
         " {params.local_data} --num-fewshot {params.num_fewshot} --batch-size {params.batch_size} {params.limit}"
+        " --add-bos-token {params.add_bos_token} --numerics {params.numerics}"
         " --device auto --out {output.json:q} > {log} 2>&1"
 
 

@@ -24,8 +24,9 @@ def is_sharded(method):
     return config["methods"][method]["algorithm"] == "blockpruner" and config["search"]["shards"] > 1
 
 
-def methods_regex(sharded):
-    names = [m for m in METHODS if is_sharded(m) == sharded]
+def methods_regex(sharded=None):
+    """The search methods (sharded or not; None: all of them) as a wildcard constraint."""
+    names = [m for m in SEARCH_METHODS if sharded is None or is_sharded(m) == sharded]
     return "|".join(map(re.escape, names)) if names else NEVER
 
 
@@ -82,6 +83,18 @@ def pruning_option(wildcards, input):
     return f"--ratio {float(wildcards.pruning[1:])}{no_embed} --steps " + " ".join(map(shlex.quote, input.steps))
 
 
+# ------------------------------------------------------------------ compress.smk
+
+
+def compress_regex():
+    return "|".join(map(re.escape, COMPRESS_METHODS)) if COMPRESS_METHODS else NEVER
+
+
+def compress_settings(wildcards):
+    """The method's settings as one JSON object (keys it leaves out take the algorithm's defaults)."""
+    return json.dumps(config["methods"][wildcards.method].get("settings") or {}, sort_keys=True)
+
+
 # ------------------------------------------------------------------ evaluate.smk
 
 
@@ -107,6 +120,11 @@ def perplexity_hub_config():
     return f"--hub-config {shlex.quote(p['hub_config'])}" if not p["path"] and p["hub_config"] else ""
 
 
+def tasks_bos():
+    """evaluate.tasks.add_bos_token (auto | true | false) as the CLI's auto | yes | no."""
+    return {True: "yes", False: "no"}.get(config["evaluate"]["tasks"]["add_bos_token"], "auto")
+
+
 def tasks_local_data():
     d = config["evaluate"]["tasks"]["local_data"]
     return f"--local-data {shlex.quote(data_path(d))}" if d else ""
@@ -115,3 +133,44 @@ def tasks_local_data():
 def dense_model(wildcards):
     """The dense model as a baseline for a pruned variant's speed-up (none for dense itself)."""
     return [] if wildcards.variant == "dense" else [f"results/models/{wildcards.model}/manifest.json"]
+
+
+# ------------------------------------------------------------------ compensate.smk
+
+
+def compensations():
+    """The correction methods of prunings.compensate (none, the uncompensated model, is always evaluated)."""
+    return [c for c in config["prunings"].get("compensate", ["none"]) if c != "none"]
+
+
+def compensation_regex():
+    return "|".join(map(re.escape, compensations())) if compensations() else NEVER
+
+
+def compensated_variants(model):
+    """{calib}/{method}/{pruning}+{compensation} of every search method's pruning of a model."""
+    return [f"{c}/{m}/{p}+{comp}" for c in CALIBS for m in SEARCH_METHODS for p in pruning_labels(m, model)
+            for comp in compensations()]
+
+
+def compensation_options(wildcards):
+    """`--alpha A` (when set for this method) and `--max-windows N` (when set)."""
+    settings = config.get("compensation") or {}
+    alpha = settings.get(f"{wildcards.comp}_alpha")
+    windows = settings.get("max_windows")
+    return (f"--alpha {float(alpha)!r}" if alpha is not None else "") + (f" --max-windows {int(windows)}" if windows else "")
+
+
+# ------------------------------------------------------------------ analyses.smk
+
+
+def budget_ratio():
+    """analyses.budget_ratio, else the study's first ratio target, else none."""
+    r = config["analyses"]["budget_ratio"]
+    return r if r is not None else (RATIOS[0] if RATIOS else None)
+
+
+def analysis_budget(wildcards):
+    """`--ratio R` for the analyses that compare searches at a budget (Table 7, Figure 7)."""
+    r = budget_ratio()
+    return f"--ratio {r}" if r is not None and wildcards.analysis in ("time", "calibration") else ""

@@ -13,6 +13,8 @@ rule materialize_model:
         steps=pruning_steps,
     output:
         manifest="results/pruned/{model}/{calib}/{method}/{pruning}/manifest.json",
+    wildcard_constraints:
+        method=methods_regex(),
     params:
         which=pruning_option,
         model_dir=dirname_of("model"),

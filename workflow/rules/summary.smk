@@ -5,6 +5,7 @@ rule summarize:
     input:
         evals=eval_outputs(),
         steps=search_outputs(),
+        compressed=compress_outputs(),
     output:
         csv=report("results/summary.csv", caption="../report/summary.rst", category="Summary"),
         md="results/summary.md",
@@ -17,6 +18,7 @@ rule summarize:
         ),
     params:
         ratio_of=lookup(dpath="prunings/ratio_of", within=config),
+        note=option("--note", "note"),
         code=code_hash("summarize"),
     message:
         "Summarising the study: results/summary.md, results/plots/"
@@ -32,4 +34,5 @@ rule summarize:
     shell:
         "python -m blockpruner.cli summarize --csv {output.csv:q} --markdown {output.md:q} --ratio-of {params.ratio_of}"
         " --plot-ppl {output.ppl_plot:q} --plot-accuracy {output.acc_plot:q} --plot-blocks {output.blocks_plot:q}"
-        " {input.evals:q} {input.steps:q} > {log} 2>&1"
+        " {params.note}"
+        " {input.evals:q} {input.steps:q} {input.compressed:q} > {log} 2>&1"
