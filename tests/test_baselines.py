@@ -594,8 +594,11 @@ def test_gemma_shortgpt_vs_relative_magnitude(gemma_dir, tmp_path, capsys):
         assert math.isfinite(s2["ppl"]) and s2["ppl"] > 1
         values = [s["value"] for s in s1["scores"]]
         assert values == sorted(values) and 0 < values[0]
-    rows = analyses.budget_table([tmp_path / "results" / "search"], 0.08, tmp_path / "table.csv")
-    assert len(rows) == 2 and len(read_csv(tmp_path / "table.csv")) == 2
+    # a budget just above one layer's share: Table 1's rule matches both methods at K = 2
+    target = max(s[0]["params"]["ratio"] for s in steps.values()) + 1e-6
+    rows = analyses.budget_table([tmp_path / "results" / "search"], target, tmp_path / "table.csv")
+    assert sorted((r["method"], r["k"]) for r in rows) == [("relative-magnitude", 2), ("shortgpt", 2)]
+    assert len(read_csv(tmp_path / "table.csv")) == 2
     analyses.metrics_vs_ratio([tmp_path / "results" / "search"], tmp_path / "ratio.csv", tmp_path / "ratio.png")
     assert is_png(tmp_path / "ratio.png") and len(read_csv(tmp_path / "ratio.csv")) == 6
     # Figure 1 on the same window: its layer BI / RM orders are the one-shot rankings
