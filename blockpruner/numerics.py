@@ -12,8 +12,9 @@ and its evaluation use:
   ignore nothing), a quirk of `CrossEntropyLoss(ignore_index=pad_token_id)`;
 - each window's NLL is the mean over its counted labels, and the perplexity is
   exp(mean over windows of those means), so a candidate's score is the sum of window means.
-Both go through `scoring.head_nll` (pm.ignore_index), the one place NLLs are taken; the
-official-bf16 mode turns the LM-head bound off (it bounds unweighted sums).
+Both go through `scoring.head_nll` (pm.ignore_index), the one place NLLs are taken. Where
+labels are ignored, the LM-head bound is off (it bounds unweighted sums); with nothing to
+ignore (pad id 0 or None) the sums are the plain ones and the bound stays on.
 The official search batches 2 windows per forward; here windows run one at a time (batch 1,
 as the official evaluation). On a GPU a bf16 matmul may round differently with the batch
 shape, so a tie within bf16 rounding can break differently from the official run.
