@@ -53,11 +53,17 @@ def test_one_search_step_on_alpaca(gemma_dir, tmp_path):
     assert m["windows"] == 1 and m["sampled_indices"] == sample_calibration(spec, tok, tmp_path / "again")["sampled_indices"]
     calib = load_calibration(tmp_path / "calib")
     pm = PrunableModel.wrap(model)
-    rec = search_step(pm, calib.windows, 1, [], StepSettings(), {"model_hash": manifest["content_hash"]}, progress=False)
+    inputs = {"model_hash": manifest["content_hash"]}
+    rec = search_step(pm, calib.windows, 1, [], StepSettings(head_bound_columns=0), inputs, progress=False)
     assert len(rec["scores"]) == 36
-    assert all(s["status"] == "done" for s in rec["scores"])
+    assert all(s["status"] == "done" for s in rec["scores"])  # one window: every candidate finishes
     dense = perplexity(pm, calib.windows, progress=False)["ppl"]
     assert math.isfinite(rec["ppl"]) and rec["ppl"] < 10 * dense  # removing the best block costs little
     worst = rec["scores"][-1]["ppl"]
     assert worst > rec["ppl"]  # some blocks matter far more than others
+    # the default step (LM-head bound on) cuts losers but chooses the same block at the same NLL
+    bounded = search_step(pm, calib.windows, 1, [], StepSettings(), inputs, progress=False)
+    assert (bounded["removed_block"], bounded["nll_sum"]) == (rec["removed_block"], rec["nll_sum"])
+    assert {s["status"] for s in bounded["scores"]} <= {"done", "bounded"}
+    assert bounded["cost"]["head_tokens"] < rec["cost"]["head_tokens"]
     assert 0 < rec["params"]["ratio"] < 0.05
