@@ -15,7 +15,7 @@ from blockpruner.data.calibration import CalibrationSpec, load_calibration, samp
 from blockpruner.data.sources import load_prepared, load_tokenizer, prepare_model, read_manifest
 from blockpruner.errors import UserError
 
-from .conftest import DATA, require_shared, tiny_model, word_tokenizer
+from .conftest import ALPACA, require_shared, tiny_model, word_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,7 +131,7 @@ def test_real_gemma3_270m(gemma_dir, tmp_path):
     """Two 64-token Alpaca samples, two layers removed from the 18 of Gemma 3 270M."""
     require_shared()
     tok = load_tokenizer(gemma_dir)
-    spec = CalibrationSpec(str(DATA / "alpaca" / "alpaca_5000.json"), nsamples=6, seqlen=64, max_windows=2)
+    spec = CalibrationSpec(str(ALPACA), nsamples=6, seqlen=64, max_windows=2)
     sample_calibration(spec, tok, tmp_path / "calib")
     m = laco.compress(gemma_dir, tmp_path / "calib", tmp_path / "out", ratio=0.05,
                       settings={"layers": 2, "samples": 2, "threshold": 0.0})
