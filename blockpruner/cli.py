@@ -417,8 +417,6 @@ def cmd_compensate(a: argparse.Namespace) -> None:
     from .compensate.export import check_request, compensate
     from .export.decilm import check_decilm, to_decilm
 
-    if (a.steps is None) != (a.ratio is None):
-        raise UserError("--steps FILES and --ratio R go together (or give one --step FILE)")
     check_request(a.model, a.method, a.alpha)  # refuse before the work, not after
     if a.nemotron_nas:
         check_decilm(json.loads((Path(a.model) / "config.json").read_text(encoding="utf-8")))

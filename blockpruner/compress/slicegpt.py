@@ -36,7 +36,6 @@ embedding scale is a scalar, which commutes with any rotation.
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -351,13 +350,11 @@ def slice_model(model, windows: Sequence[torch.Tensor], width: int, *, slice_hea
 
 # -- directories -------------------------------------------------------------------------------
 def modeling_source(config_cls: type, model_cls: type) -> str:
-    """`sliced_modeling.py` plus the lines binding it to one base architecture."""
-    return (
-        inspect.getsource(sliced_modeling).rstrip() + "\n\n\n"
-        "# -- bound to the base architecture by blockpruner.compress.slicegpt ------------------------\n"
-        f"from transformers import {config_cls.__name__} as _BaseConfig, {model_cls.__name__} as _BaseModel  # noqa: E402\n\n"
-        "SlicedConfig, SlicedForCausalLM = make_classes(_BaseConfig, _BaseModel)\n"
-    )
+    """`sliced_modeling.py` bound to one base architecture."""
+    from ..export.materialize import bound_modeling_source
+
+    return bound_modeling_source(sliced_modeling, config_cls, model_cls, "SlicedConfig, SlicedForCausalLM",
+                                 "blockpruner.compress.slicegpt")
 
 
 def read_sliced_config(path: str | Path) -> dict:

@@ -149,14 +149,21 @@ def pruned_tensors(model, adapter: Adapter, plan: list[KeptLayer]) -> tuple[dict
 
 
 # -- directories ---------------------------------------------------------------------------------
-def modeling_source(config_cls: type, model_cls: type) -> str:
-    """`pruned_modeling.py` plus the lines binding it to one base architecture."""
+def bound_modeling_source(module, config_cls: type, model_cls: type, names: str, by: str) -> str:
+    """A self-contained modeling file: `module`'s source plus the lines binding its
+    `make_classes` to one base architecture as `names` (e.g. "XConfig, XForCausalLM")."""
     return (
-        inspect.getsource(pruned_modeling).rstrip() + "\n\n\n"
-        "# -- bound to the base architecture by blockpruner.export ----------------------------------\n"
+        inspect.getsource(module).rstrip() + "\n\n\n"
+        f"# -- bound to the base architecture by {by} ".ljust(92, "-") + "\n"
         f"from transformers import {config_cls.__name__} as _BaseConfig, {model_cls.__name__} as _BaseModel  # noqa: E402\n\n"
-        "BlockPrunerConfig, BlockPrunerForCausalLM = make_classes(_BaseConfig, _BaseModel)\n"
+        f"{names} = make_classes(_BaseConfig, _BaseModel)\n"
     )
+
+
+def modeling_source(config_cls: type, model_cls: type) -> str:
+    """`pruned_modeling.py` bound to one base architecture."""
+    return bound_modeling_source(pruned_modeling, config_cls, model_cls, "BlockPrunerConfig, BlockPrunerForCausalLM",
+                                 "blockpruner.export")
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
