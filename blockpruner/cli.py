@@ -173,6 +173,12 @@ def step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-bound-columns", type=int, default=None, metavar="N",
                    help="with early stopping, first cut candidates that cannot win by a certified lower bound on their "
                         "NLL from N LM-head columns per window (exact, same chosen block; default 4096, 0 = off)")
+    p.add_argument("--compensation", default="none", metavar="{none,scale}",
+                   help="compensation-aware step (opt-in, slower: no prefix reuse or early stopping): score each "
+                        "candidate with the per-channel scale correction of the whole removed set applied, as "
+                        "`blockpruner compensate --method scale` folds it (default: none)")
+    p.add_argument("--compensation-alpha", type=float, default=None, metavar="A",
+                   help="with --compensation scale: its pull toward 1, lambda = A * trace(XtX) / d (default 0.1)")
     p.add_argument("--shard", default=None, metavar="i/N",
                    help="score only shard i of N (0-based, round-robin over the tie-ordered candidates) and write a "
                         "partial artifact for gather-step (exact steps only)")
@@ -200,7 +206,7 @@ def cmd_step(a: argparse.Namespace) -> None:
 
     bound = {} if a.head_bound_columns is None else {"head_bound_columns": a.head_bound_columns}
     settings = StepSettings.make(a.candidates, a.screen_windows, a.confirm_top, a.candidates_by_bi, numerics=a.numerics,
-                                 **bound)
+                                 compensation=a.compensation, compensation_alpha=a.compensation_alpha, **bound)
     settings.validate()
     shard = parse_shard(a.shard) if a.shard else None
     if shard and settings.mode != "exact":

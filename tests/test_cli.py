@@ -68,6 +68,14 @@ def test_steps_chain_and_k_beyond_blocks_is_refused(tiny_study, capsys, monkeypa
     one_line_error(code, err, "is step 1, but step 3 needs step 2")
     code, err = run(["step", *common, "--k", 2, "--prev", t / "s1.json", "--candidates", "mlp", "--out", t / "x.json"], capsys)
     one_line_error(code, err, "made with settings")
+    code, err = run(["step", *common, "--k", 2, "--prev", t / "s1.json", "--compensation", "scale", "--out", t / "x.json"],
+                    capsys)
+    one_line_error(code, err, "made with settings")  # a compensation-aware search does not continue a plain one
+    code, err = run(["step", *common, "--k", 1, "--compensation", "linear", "--out", t / "x.json"], capsys)
+    one_line_error(code, err, "unknown compensation 'linear'; use one of: none, scale")
+    code, err = run(["step", *common, "--k", 1, "--compensation", "scale", "--screen-windows", 1, "--confirm-top", 1,
+                     "--out", t / "x.json"], capsys)
+    one_line_error(code, err, "compensation-aware step is an exact BlockPruner step")
 
 
 def test_stale_previous_step_is_refused(tiny_study, capsys, monkeypatch):

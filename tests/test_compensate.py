@@ -16,6 +16,7 @@ from blockpruner.compensate.fit import fit, plan_targets
 from blockpruner.compensate.fold import applied, fold
 from blockpruner.data.calibration import CalibrationSpec, load_calibration, sample_calibration
 from blockpruner.data.sources import prepare_model, read_manifest
+from blockpruner.errors import UserError
 from blockpruner.export.materialize import load_pruned
 from blockpruner.search.greedy import write_step
 
@@ -207,6 +208,51 @@ def test_compensation_aware_scores_equal_fitting_each_candidate_directly():
             direct = current_nll(pm, windows)
         assert abs(scores[c].nll_sum - direct.nll_sum) < 1e-4 * abs(direct.nll_sum), c
         pm.set_removed(["attn.2"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_compensation_aware_step_chooses_the_best_compensated_candidate(arch, tmp_path):
+    """`step --compensation scale` removes the candidate whose folded, compensated model has the
+    lowest calibration NLL, each computed here by fitting on a fresh copy, applying the
+    correction at run time (hooks; folding equals it, tested above) and a full forward. mlp.1 echoes a per-channel scale of attn.1: on llama its loss is exactly recoverable,
+    so the compensation-aware step removes it where the plain step does not."""
+    from blockpruner.search.greedy import StepSettings, candidate_blocks, load_previous, search_step
+
+    def make():
+        model = tiny_model(arch, num_hidden_layers=3)
+        model.model.layers[1].mlp = Echo(model.model.layers[1].self_attn,
+                                         1 + 2 * torch.randn(32, generator=torch.Generator().manual_seed(5)))
+        return model
+
+    windows = random_windows(3)
+    settings = StepSettings(candidates="mlp", compensation="scale", compensation_alpha=0.0)  # attn.1 feeds mlp.1: kept
+    inputs = {"model_hash": "m", "calibration_hash": "c"}
+    rec = search_step(PrunableModel.wrap(make()), windows, 1, [], settings, inputs, progress=False)
+    want = {}
+    for c in candidate_blocks(3, [], "mlp"):
+        pm = PrunableModel.wrap(make())
+        corrections = fit(pm, windows, [c], "scale", alpha=0.0)
+        pm.remove([c])
+        with torch.no_grad(), applied(pm, corrections):
+            want[c] = sum(pm.model(w[None], labels=w[None]).loss.double().item() * (len(w) - 1) for w in windows)
+    best = min(want, key=want.get)
+    assert rec["removed_block"] == best
+    assert abs(rec["nll_sum"] - want[best]) < 1e-5 * want[best]
+    assert {s["block"]: s["status"] for s in rec["scores"]} == dict.fromkeys(want, "done")
+    if arch == "llama":  # mlp.1 compensated is the dense model again; removed plainly it is not
+        with torch.no_grad():
+            dense = sum(make()(w[None], labels=w[None]).loss.double().item() * (len(w) - 1) for w in windows)
+        plain = search_step(PrunableModel.wrap(make()), windows, 1, [], StepSettings(candidates="mlp"), inputs,
+                            progress=False, early_stop=False)
+        aware = {s["block"]: s["nll_sum"] for s in rec["scores"]}
+        assert abs(aware["mlp.1"] - dense) < 1e-5 * dense
+        assert abs({s["block"]: s["nll_sum"] for s in plain["scores"]}["mlp.1"] - dense) > 5e-5 * dense
+    assert rec["settings"]["compensation"] == "scale" and rec["settings"]["compensation_alpha"] == 0.0
+    assert "compensation" not in StepSettings().as_dict()  # plain steps record what they always did
+    write_step(tmp_path / "step_1.json", rec)
+    with pytest.raises(UserError, match="made with settings"):  # a plain search does not continue it
+        load_previous(tmp_path / "step_1.json", 2, "m", "c", StepSettings(candidates="mlp"))
+    assert load_previous(tmp_path / "step_1.json", 2, "m", "c", settings)[0] == rec["removed"]
 
 
 def test_summary_puts_compensated_rows_beside_their_pruning(tmp_path):

@@ -196,6 +196,26 @@ def test_bound_cuts_candidates_that_cannot_win(trained):
     assert sum(r["cost"]["head_tokens"] for r in on) < sum(r["cost"]["head_tokens"] for r in run(pm, ws, 2, columns=0))
 
 
+def test_survivors_are_cut_window_by_window(trained, monkeypatch):
+    """A bound at half strength (still a lower bound) lets more candidates past the first pass;
+    those finishing with the full head are cut as soon as their exact NLL so far plus the
+    lower bounds of the windows ahead exceeds the seed's total -- never one that could win."""
+    pm, ws = trained
+    true_bound = scoring.head_lower_bound
+    monkeypatch.setattr(scoring, "head_lower_bound", lambda *a, **k: 0.5 * true_bound(*a, **k))
+    on, off = run(pm, ws, 2, columns=32), run(pm, ws, 2, columns=0, early_stop=False)
+    same_results(on, off)
+    late = 0
+    for rec, full in zip(on, off):
+        exact = {s["block"]: s for s in full["scores"]}
+        for s in rec["scores"]:
+            if s["status"] == "bounded" and s["tokens"] > 0:  # exact on some windows, bounded on the rest
+                late += 1
+                assert rec["search"]["bound"] < s["nll_lower_bound"] <= exact[s["block"]]["nll_sum"]
+                assert s["tokens"] < exact[s["block"]]["tokens"]
+    assert late > 0
+
+
 def test_shards_with_the_bound_equal_unsharded(trained):
     pm, ws = trained
     recs = run(pm, ws, 2, columns=32)

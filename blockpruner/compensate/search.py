@@ -14,7 +14,7 @@ early stopping -- every candidate runs all remaining blocks over every window.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -26,8 +26,9 @@ from .fold import applied
 
 
 @torch.no_grad()
-def pair_sums(pm: PrunableModel, windows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """G[a, b] = per-channel sum over tokens of c_a * c_b for all blocks a, b of the dense model."""
+def pair_sums(pm: PrunableModel, windows: Sequence[torch.Tensor], cost: Cost | None = None) -> tuple[torch.Tensor, int]:
+    """G[a, b] = per-channel sum over tokens of c_a * c_b for all blocks a, b of the dense model
+    (one decoder pass per window, counted in `cost`)."""
     if pm.removed:
         raise UserError("pair sums are taken on the dense model's block outputs; restore the removed blocks first")
     device = next(pm.model.parameters()).device
@@ -36,6 +37,10 @@ def pair_sums(pm: PrunableModel, windows: Sequence[torch.Tensor]) -> tuple[torch
     tokens = 0
     for ids in windows:
         c = block_contributions(pm, ids.to(device).unsqueeze(0), pm.names)
+        if cost is not None:
+            cost.windows += 1
+            for name in pm.names:
+                cost.add_block(pm, name, ids.numel())
         stack = torch.stack([c[name].reshape(-1, d).double() for name in pm.names])  # (n, T, d)
         gram += torch.einsum("atd,btd->abd", stack, stack)
         tokens += stack.shape[1]
@@ -58,7 +63,7 @@ def scale_from_pairs(gram: torch.Tensor, tokens: int, target: Target, alpha: flo
 
 def score_with_compensation(pm: PrunableModel, windows: Sequence[torch.Tensor], candidates: Sequence[str],
                             gram: torch.Tensor, tokens: int, alpha: float | None = None,
-                            cost: Cost | None = None) -> dict[str, Score]:
+                            cost: Cost | None = None, on_progress: Callable[[int], None] | None = None) -> dict[str, Score]:
     """NLL over `windows` of the current model minus each candidate, with the `scale` correction of the
     whole removed set (current removals + candidate) applied at run time."""
     alpha = check_method("scale", alpha)
@@ -70,4 +75,6 @@ def score_with_compensation(pm: PrunableModel, windows: Sequence[torch.Tensor], 
         with pm.without([c]), applied(pm, corrections):
             scores[c] = current_nll(pm, windows, cost)
         scores[c].block = c
+        if on_progress:
+            on_progress(len(windows))
     return scores

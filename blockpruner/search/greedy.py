@@ -20,6 +20,12 @@ With early stopping, the head bound (`head_bound_columns` N, default
 lower bound from N LM-head columns per window already exceeds the seed's total (status
 "bounded"): same choice and finished NLLs, much less of the LM head.
 
+Compensation-aware steps (`compensation: scale`, opt-in): each candidate is scored with the
+per-channel scale correction of the whole removed set applied (`compensate.search`), so the
+search prefers blocks whose loss the correction recovers; the step's perplexity is the
+compensated model's. No prefix reuse or early stopping applies (the correction changes what
+every candidate's suffix receives): every candidate runs every remaining block on every window.
+
 Sharded steps: `shard=(i, n)` scores only candidates i, i+n, i+2n, ... of the tie-ordered
 candidate list (plus the seed, which every shard scores to get the same bound) and returns
 a partial record (format `blockpruner.step-shard/1`); `gather_shards` picks the winner. The
@@ -48,6 +54,8 @@ from pathlib import Path
 from .. import __version__
 from ..artifacts import read_json, write_json
 from ..blocks import PrunableModel, block_names, parse_block, tie_order
+from ..compensate.fit import check_method
+from ..compensate.search import pair_sums, score_with_compensation
 from ..errors import UserError
 from ..numerics import Numerics
 from .scoring import HEAD_BOUND_COLUMNS, Cost, Score, layer_influence, perplexity_of, rank, score_candidates, score_exact
@@ -57,6 +65,7 @@ SHARD_FORMAT = "blockpruner.step-shard/1"
 CANDIDATE_SETS = ("all", "attn", "mlp")
 MODES = ("exact", "screened")
 SCREEN_FIELDS = ("screen_windows", "confirm_top", "bi_candidates")
+COMPENSATIONS = ("none", "scale")
 NOT_COMPARED = ("head_bound_columns",)  # recorded, but a step may continue one made with another value
 log = logging.getLogger("blockpruner.search")
 
@@ -79,6 +88,8 @@ class StepSettings:
     bi_candidates: int | None = None  # screened: only the R blocks whose layers have the lowest BI
     head_bound_columns: int = HEAD_BOUND_COLUMNS  # LM-head columns per window of the head bound; 0 = off
     numerics: str = "fp32"  # fp32 | official-bf16 (blockpruner.numerics)
+    compensation: str = "none"  # none | scale: score each candidate with its correction applied
+    compensation_alpha: float | None = None  # scale: the pull toward 1 (None: compensate.fit's default)
 
     @classmethod
     def make(cls, candidates: str = "all", screen_windows: int | None = None, confirm_top: int | None = None,
@@ -104,6 +115,12 @@ class StepSettings:
             if not isinstance(v, int) or v < 1:
                 raise UserError(f"{f} must be a positive integer, got {v!r}")
         Numerics(self.numerics)  # refuses an unknown mode
+        if self.compensation not in COMPENSATIONS:
+            raise UserError(f"unknown compensation {self.compensation!r}; use one of: {', '.join(COMPENSATIONS)}")
+        if self.compensation != "none":
+            if self.mode != "exact" or self.method != "blockpruner":
+                raise UserError("a compensation-aware step is an exact BlockPruner step; drop the screening options")
+            check_method(self.compensation, self.compensation_alpha)
         if not isinstance(self.head_bound_columns, int) or self.head_bound_columns < 0:
             raise UserError(f"head_bound_columns must be an integer >= 0 (0 = off), got {self.head_bound_columns!r}")
 
@@ -117,6 +134,10 @@ class StepSettings:
                     del d[f]
         if self.method != "blockpruner":
             del d["head_bound_columns"]
+        if self.compensation == "none":  # as before compensation-aware steps existed
+            del d["compensation"], d["compensation_alpha"]
+        else:
+            d["compensation_alpha"] = check_method(self.compensation, self.compensation_alpha)
         return d
 
     def compared(self) -> dict:
@@ -185,8 +206,10 @@ def shard_candidates(cands: list[str], shard: tuple[int, int] | None) -> list[st
 
 
 def _prefer(prev: dict | None) -> list[str]:
-    """The previous step's ranking (its `scores` order), the early-stop seed preference."""
-    return [s["block"] for s in prev.get("scores", [])] if prev else []
+    """The early-stop seed preference: the previous step's finished candidates, best first. A
+    candidate it cut early is left out (its partial NLL says little about the next step); with
+    none left, the seed comes from the head bound or the first window, as in step 1."""
+    return [s["block"] for s in prev.get("scores", []) if s["status"] == "done"] if prev else []
 
 
 def _screened(pm: PrunableModel, windows, cands: list[str], settings: StepSettings, early_stop: bool, cost: Cost,
@@ -216,6 +239,17 @@ def _screened(pm: PrunableModel, windows, cands: list[str], settings: StepSettin
     return screen | res.scores, info | res.info()
 
 
+def _compensated(pm: PrunableModel, windows, removed: list[str], owned: list[str], settings: StepSettings, cost: Cost,
+                 on_progress) -> tuple[dict[str, Score], dict]:
+    """Compensation-aware scores of `owned`: pair sums on the dense model, then each candidate
+    scored with its own correction (`compensate.search`)."""
+    pm.set_removed([])
+    gram, tokens = pair_sums(pm, windows, cost)
+    pm.set_removed(removed)
+    scores = score_with_compensation(pm, windows, owned, gram, tokens, settings.compensation_alpha, cost, on_progress)
+    return scores, {"early_stop": False, "compensation": settings.compensation}
+
+
 def search_step(pm: PrunableModel, windows, k: int, removed: list[str], settings: StepSettings, inputs: dict,
                 progress: bool = True, *, prev: dict | None = None, early_stop: bool = True,
                 shard: tuple[int, int] | None = None) -> dict:
@@ -237,7 +271,9 @@ def search_step(pm: PrunableModel, windows, k: int, removed: list[str], settings
     owned = shard_candidates(cands, shard)
     total = len(owned) * len(windows)
     with tqdm(total=total, desc=f"step {k}", unit="cand·win", disable=not progress) as bar:
-        if settings.mode == "exact":
+        if settings.compensation != "none":
+            scores, info = _compensated(pm, windows, removed, owned, settings, cost, bar.update)
+        elif settings.mode == "exact":
             res = score_exact(pm, windows, cands, prefer=_prefer(prev), early_stop=early_stop,
                               head_bound=settings.head_bound_columns, owned=owned, cost=cost, on_progress=bar.update)
             scores, info = res.scores, res.info()

@@ -97,6 +97,8 @@ for _name, _m in config["methods"].items():
         config_error(f"methods.{_name}.screen", "give windows and confirm_top (e.g. {windows: 2, confirm_top: 4})")
     if _m.get("screen") and _m["algorithm"] == "blockpruner" and config["search"]["shards"] > 1:
         config_error(f"methods.{_name}.screen", "a screened search cannot be sharded; set search.shards: 1 or drop screen")
+    if _m.get("compensation", "none") != "none" and (_m["algorithm"] != "blockpruner" or _m.get("screen")):
+        config_error(f"methods.{_name}.compensation", "only an exact blockpruner search (no screen) is compensation-aware")
     if _m.get("settings") is not None and _m["algorithm"] not in COMPRESSORS:
         config_error(f"methods.{_name}.settings", f"only the slicegpt and laco algorithms take settings, not {_m['algorithm']}")
 for _name in config["prunings"]["ratio_by_model"]:

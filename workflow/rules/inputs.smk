@@ -42,6 +42,9 @@ def step_command(wildcards):
     if method["algorithm"] != "blockpruner":
         return f"baseline-step --method {method['algorithm']}"
     screen = method.get("screen")
+    if method.get("compensation", "none") != "none":
+        return (f"step --compensation {method['compensation']}"
+                f" --compensation-alpha {config['compensation'][method['compensation'] + '_alpha']}")
     if not screen:
         return "step"
     by_bi = screen.get("candidates_by_bi")
