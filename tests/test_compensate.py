@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,32 @@ def test_summary_puts_compensated_rows_beside_their_pruning(tmp_path):
     rows, _, _ = collect(paths)
     assert [(r["pruning"], r["k"], r["compensation"], r["wikitext2_ppl"]) for r in rows] == [
         ("dense", 0, "none", 20.0), ("k4", 4, "none", 40.0), ("k4+scale", 4, "scale", 38.0), ("k8", 8, "none", 60.0)]
+
+
+def test_summary_judges_the_compensated_average_on_the_same_items(tmp_path):
+    """The paired change of the task average and its standard error, against the per-item
+    differences written out here; the verdict compares the change with twice that error."""
+    import statistics
+
+    from blockpruner.eval.zeroshot import write_tasks
+    from blockpruner.report.summary import collect, markdown
+
+    rng = __import__("random").Random(0)
+    piqa = [rng.random() < 0.6 for _ in range(80)]
+    arc = [rng.random() < 0.5 for _ in range(60)]
+    flipped = {"piqa": [x if i % 10 else not x for i, x in enumerate(piqa)], "arc_easy": arc[:-6] + [True] * 6}
+    paths = []
+    for variant, items in (("alpaca/bp/k4", {"piqa": piqa, "arc_easy": arc}), ("alpaca/bp/k4+scale", flipped)):
+        tasks = {t: {"value": sum(c) / len(c), "correct": [int(x) for x in c]} for t, c in items.items()}
+        paths.append(tmp_path / "eval" / "m" / variant / "tasks.json")
+        write_tasks(paths[-1], {"tasks": tasks, "average": statistics.mean(t["value"] for t in tasks.values())})
+    rows, tasks, _ = collect(paths)
+    comp = next(r for r in rows if r["compensation"] == "scale")
+    d = {t: [int(y) - int(x) for x, y in zip(c, flipped[t])] for t, c in (("piqa", piqa), ("arc_easy", arc))}
+    want = statistics.mean(statistics.mean(v) for v in d.values())
+    se = math.sqrt(sum(statistics.variance(v) / len(v) for v in d.values())) / 2
+    assert comp["average_change"] == pytest.approx(want) and comp["average_change_se"] == pytest.approx(se)
+    assert comp["average_change"] == pytest.approx(comp["average"] - next(r for r in rows if r["pruning"] == "k4")["average"])
+    verdict = "within noise" if abs(want) <= 2 * se else ("higher" if want > 0 else "lower")
+    line = next(x for x in markdown(rows, tasks, "all").splitlines() if x.startswith("| m | bp | k4+scale |"))
+    assert f"{want * 100:+.2f} ± {2 * se * 100:.2f}" in line and verdict in line

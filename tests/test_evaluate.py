@@ -311,10 +311,11 @@ def test_summarize_picks_paper_metric():
         "results": {"piqa_local": {"acc,none": 0.6, "acc_norm,none": 0.7, "acc_norm_stderr,none": 0.01, "acc_stderr,none": 0.02},
                     "winogrande_local": {"acc,none": 0.55, "acc_stderr,none": 0.03}},
         "n-samples": {"piqa_local": {"original": 1838, "effective": 5}, "winogrande_local": {"original": 1267, "effective": 5}},
+        "samples": {"piqa_local": [{"doc_id": 1, "acc": 1.0, "acc_norm": 0.0}, {"doc_id": 0, "acc": 0.0, "acc_norm": 1.0}]},
     }
     s = zeroshot.task_figures(["piqa", "winogrande"], {"piqa": T("piqa_local"), "winogrande": T("winogrande_local")}, results)
     assert s["piqa"] == {"task": "piqa_local", "metric": "acc_norm", "value": 0.7, "acc": 0.6, "acc_norm": 0.7,
-                         "stderr": 0.01, "n": 5}
+                         "stderr": 0.01, "n": 5, "correct": [1, 0]}  # per item: the task's metric, in document order
     assert s["winogrande"]["metric"] == "acc" and s["winogrande"]["value"] == 0.55 and s["winogrande"]["acc_norm"] is None
 
 
@@ -385,6 +386,7 @@ def test_gemma_lm_eval_local(gemma_dir, tmp_path):
     for name, t in r["tasks"].items():
         assert t["n"] == 5 and 0 <= t["value"] <= 1 and 0 <= t["acc"] <= 1
         assert t["value"] * 5 == pytest.approx(round(t["value"] * 5))  # a count of right answers out of 5
+        assert len(t["correct"]) == 5 and sum(t["correct"]) / 5 == pytest.approx(t["value"])  # lm-eval's own mean
     assert r["tasks"]["winogrande"]["metric"] == "acc" and r["tasks"]["piqa"]["metric"] == "acc_norm"
     assert r["average"] == pytest.approx((r["tasks"]["winogrande"]["value"] + r["tasks"]["piqa"]["value"]) / 2)
     from importlib.metadata import version

@@ -123,6 +123,9 @@ def task_figures(names: list[str], tasks: dict, results: dict) -> dict:
             "stderr": _number(r.get(f"{metric}_stderr,none")),
             "n": int(results["n-samples"][task]["effective"]),
         }
+        samples = results.get("samples", {}).get(task)
+        if samples:  # per item, in document order: what a paired comparison of two models needs
+            out[name]["correct"] = [int(round(float(x[metric]))) for x in sorted(samples, key=lambda x: x["doc_id"])]
     return out
 
 
@@ -171,7 +174,7 @@ def run_tasks(model_dir: str | Path, tasks: str | list[str], local_data: str | P
     lm = make_lm(model, tok, manifest, batch_size, device, BOS_CHOICES[add_bos_token])
     # the tasks go in built; an empty TaskManager keeps simple_evaluate from indexing every task again
     results = lm_eval.simple_evaluate(model=lm, tasks=[loaded[n] for n in names], num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=TaskManager(include_defaults=False), log_samples=False)
+                                      task_manager=TaskManager(include_defaults=False), log_samples=True)
     per_task = task_figures(names, loaded, results)
     return {
         "model": str(model_dir),

@@ -194,15 +194,74 @@ def collect(paths: list[str | Path], ratio_of: str = "all") -> tuple[list[dict],
         r["lm_eval_version"] = t.get("lm_eval_version") if t else None
         r["add_bos_token"] = t.get("add_bos_token", "auto") if t else None
         r["numerics"] = next((e.get("numerics", "fp32") for e in (ppl, t) if e), None)
+        r["average_change"] = r["average_change_se"] = None  # compensated rows: paired against their pruning
         s = row.evals.get("speed")
         r["speedup"] = s.get("speedup") if s else None
         r["kv_cache_reduction"] = s.get("kv_cache_reduction") if s else None
         r["tokens_per_s"] = s["model"].get("tokens_per_s") if s else None
         r["params"] = s["model"].get("params") if s else None
         out.append(r)
+    for r in out:
+        if r["compensation"] != "none":
+            base = evals.get((r["model"], r["calib"], r["method"], r["pruning"].partition("+")[0]))
+            change = paired_change(base.evals.get("tasks") if base else None,
+                                   evals[(r["model"], r["calib"], r["method"], r["pruning"])].evals.get("tasks"), tasks)
+            if change is not None:
+                r["average_change"], r["average_change_se"] = change
     out.sort(key=lambda r: (r["model"], r["pruning"] != "dense", r["calib"], r["method"],
                             r["k"] if r["k"] is not None else math.inf, r["pruning"]))
     return out, tasks, chains
+
+
+def paired_change(before: dict | None, after: dict | None, tasks: list[str]) -> tuple[float, float] | None:
+    """Change of the task average from one model to another scored on the same items, and its
+    standard error from the per-item differences (paired: both models see each item, so the
+    items' own difficulty cancels). Per task t with n_t items, d_i = after_i - before_i (each
+    0/1 correctness): the change is mean(d), its variance var(d) / n_t; the average over T
+    tasks changes by the mean of those, with standard error sqrt(sum var_t / n_t) / T.
+    None without per-item results for every task in both."""
+    if not before or not after:
+        return None
+    changes, variance = [], 0.0
+    for t in tasks:
+        a = before["tasks"].get(t, {}).get("correct")
+        b = after["tasks"].get(t, {}).get("correct")
+        if not a or not b or len(a) != len(b):
+            return None
+        d = [y - x for x, y in zip(a, b)]
+        mean = sum(d) / len(d)
+        var = sum((x - mean) ** 2 for x in d) / (len(d) - 1) if len(d) > 1 else 0.0
+        changes.append(mean)
+        variance += var / len(d)
+    return sum(changes) / len(changes), math.sqrt(variance) / len(changes)
+
+
+def compensation_lines(rows: list[dict]) -> list[str]:
+    """Each compensated variant beside its uncompensated pruning: perplexity, and the average
+    accuracy's paired change judged against twice its standard error (~95%)."""
+    comp = [r for r in rows if r["compensation"] != "none"]
+    if not comp:
+        return []
+    base = {(r["model"], r["calib"], r["method"], r["pruning"]): r for r in rows}
+    lines = ["", "## Compensation against its pruning (held-out data, same items)", "",
+             "| Model | Method | Pruning | PPL without → with | Avg without → with | Avg change (points) ± 2 SE | Judged |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for r in comp:
+        b = base.get((r["model"], r["calib"], r["method"], r["pruning"].partition("+")[0]))
+        if b is None:
+            continue
+        change, se = r["average_change"], r["average_change_se"]
+        if change is None:
+            judged = "–"
+        elif abs(change) <= 2 * se:
+            judged = "within noise"
+        else:
+            judged = "higher by more than noise" if change > 0 else "lower by more than noise"
+        band = "–" if change is None else f"{change * 100:+.2f} ± {2 * se * 100:.2f}"
+        lines.append(f"| {r['model']} | {r['method']} | {r['pruning']} | {_fmt(b['wikitext2_ppl'], '.2f')} → "
+                     f"{_fmt(r['wikitext2_ppl'], '.2f')} | {_fmt(b['average'], '.2f', 100)} → "
+                     f"{_fmt(r['average'], '.2f', 100)} | {band} | {judged} |")
+    return lines
 
 
 def _fmt(v, spec: str, scale: float = 1.0) -> str:
@@ -237,7 +296,8 @@ def markdown(rows: list[dict], tasks: list[str], ratio_of: str, note: str | None
     notes += evaluated_with(rows)
     if note and note.strip():
         notes += ["", f"Note: {' '.join(note.split())}"]
-    return "\n".join(["# BlockPruner study", ""] + lines + notes + matched_budgets(rows, tasks, ratio_of)) + "\n"
+    return "\n".join(["# BlockPruner study", ""] + lines + notes + matched_budgets(rows, tasks, ratio_of)
+                     + compensation_lines(rows)) + "\n"
 
 
 def evaluated_with(rows: list[dict]) -> list[str]:
