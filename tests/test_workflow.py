@@ -542,6 +542,23 @@ def test_screened_method_runs_the_screened_step_and_refuses_shards(fresh):
     assert p.returncode != 0 and "methods.fast.screen: a screened search cannot be sharded" in p.stdout + p.stderr
 
 
+def test_compensation_aware_method_plans_its_step_and_refuses_screening(fresh):
+    def aware(c):
+        c["methods"]["aware"] = {"algorithm": "blockpruner", "compensation": "scale"}
+        c["compensation"] = {"scale_alpha": 0.5}
+
+    p = run_snakemake(fresh, "-n", "--printshellcmds", "--configfile", write_config(fresh, "aware", aware))
+    out = p.stdout + p.stderr
+    assert re.search(r"cli step --compensation scale --compensation-alpha 0.5 --model \S+ --calib \S+ --k 1", out), out[-3000:]
+
+    def screened(c):
+        aware(c)
+        c["methods"]["aware"]["screen"] = {"windows": 2, "confirm_top": 4}
+
+    p = run_snakemake(fresh, "-n", "--configfile", write_config(fresh, "aware-screened", screened), check=False)
+    assert p.returncode != 0 and "methods.aware.compensation: only an exact blockpruner search" in p.stdout + p.stderr
+
+
 def test_benchmark_rule_plans_one_job_per_model_and_calibration(fresh):
     cfg = write_config(fresh, "bench", lambda c: c.update(benchmark={"enabled": True, "k": 2, "methods": ["plain", "exact"],
                                                                       "max_windows": 3}))
