@@ -408,6 +408,9 @@ def compensate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None,
                    help="ridge pull toward no correction, lambda = alpha * trace(XtX) / d (default: 0.1 scale, 10 linear)")
     p.add_argument("--max-windows", type=int, default=None, help="fit on the first N calibration windows only")
+    p.add_argument("--no-guard", action="store_true",
+                   help="fold every fitted correction (default: keep each, in forward order, only if it lowers the "
+                        "pruned model's calibration NLL together with those kept before it)")
     p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
     p.add_argument("--pruning-method", default="blockpruner", help="search method name recorded in config.json")
     p.add_argument("--nemotron-nas", default=None, metavar="DIR",
@@ -417,8 +420,9 @@ def compensate_args(p: argparse.ArgumentParser) -> None:
 @command("compensate", compensate_args, help="materialise a step with a training-free correction folded into kept blocks",
          description="As materialize, then fit a closed-form correction for each run of removed blocks on the dense "
                      "model's block outputs over --calib (X: the nearest preceding kept block's contribution, Y: X plus "
-                     "the removed blocks'), and fold it into that kept block's weights. Same shapes and loading as the "
-                     "uncompensated directory; manifest.json records the method, settings and fit.")
+                     "the removed blocks'), keep those that lower the pruned model's calibration NLL together (--no-guard: all), "
+                     "and fold them into the kept blocks' weights. Same shapes and loading as the uncompensated "
+                     "directory; manifest.json records the method, settings and fit.")
 def cmd_compensate(a: argparse.Namespace) -> None:
     from .compensate.export import check_request, compensate
     from .export.decilm import check_decilm, to_decilm
@@ -426,7 +430,8 @@ def cmd_compensate(a: argparse.Namespace) -> None:
     check_request(a.model, a.method, a.alpha)  # refuse before the work, not after
     if a.nemotron_nas:
         check_decilm(json.loads((Path(a.model) / "config.json").read_text(encoding="utf-8")))
-    s = compensate(a.model, chosen_step(a), a.calib, a.out, a.method, a.alpha, a.max_windows, pruning_method=a.pruning_method)
+    s = compensate(a.model, chosen_step(a), a.calib, a.out, a.method, a.alpha, a.max_windows, pruning_method=a.pruning_method,
+                   guarded=not a.no_guard)
     for c in s["corrections"]:
         if "skipped" in c:
             log.info("%s: not compensated, %s", ",".join(c["removed"]), c["skipped"])

@@ -98,6 +98,39 @@ def test_folding_equals_the_correction_applied_at_run_time(arch, method):
     torch.testing.assert_close(logits(model), hooked, atol=1e-5, rtol=1e-5)
 
 
+def test_guard_keeps_only_corrections_that_lower_the_calibration_nll():
+    """Two corrections, one made harmful (its factor x 4): `guard` keeps, in forward order, each
+    one whose addition lowers the pruned model's calibration NLL -- decided again here with
+    full forwards of the model -- and drops the harmful one with its reason."""
+    from blockpruner.compensate.guard import guard
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    pm = PrunableModel.wrap(model)
+    windows = random_windows()
+    removed = ["attn.1", "mlp.3"]
+    fitted = fit(pm, windows, removed, "scale")
+    assert [c.target.anchor for c in fitted] == ["mlp.0", "attn.3"]
+    fitted[1] = type(fitted[1])(fitted[1].target, "scale", fitted[1].factor * 4, fitted[1].summary)
+
+    def nll(corrections):
+        with pm.without(removed), applied(pm, corrections), torch.no_grad():
+            return sum(model(w[None], labels=w[None]).loss.double().item() * (len(w) - 1) for w in windows)
+
+    want, best = [], nll([])
+    for c in fitted:
+        if nll([*want, c]) < best:
+            best = nll([*want, c])
+            want.append(c)
+    assert fitted[1] not in want  # four times the fitted scale hurts
+    got = guard(pm, windows, removed, fitted)
+    assert pm.removed == []
+    assert [c.factor is not None for c in got] == [c in want for c in fitted]
+    assert got[1].summary["skipped"] == "it raised the calibration NLL" and got[1].summary["guard"]["kept"] is False
+    for c, g in zip(fitted, got):
+        assert g.summary["guard"]["nll_with"] == pytest.approx(nll([*[w for w in want if fitted.index(w) < fitted.index(c)], c]),
+                                                               rel=1e-5)
+
+
 def test_linear_is_refused_on_post_norm_architectures():
     model = tiny_model("gemma3_text")
     pm = PrunableModel.wrap(model)
@@ -129,8 +162,8 @@ def test_export_and_reload_keep_the_correction(tmp_path, arch, method):
     prep, calib, model = prepared_with_calibration(tmp_path, arch)
     removed = ["attn.1", "mlp.1", "mlp.3"]  # layer 1 dropped entirely
     write_step(tmp_path / "step.json", step_record(model, prep, removed))
-    s = compensate(prep, tmp_path / "step.json", calib, tmp_path / "out", method)
-    assert s["method"] == method and len(s["corrections"]) == 2
+    s = compensate(prep, tmp_path / "step.json", calib, tmp_path / "out", method, guarded=False)  # every correction
+    assert s["method"] == method and len(s["corrections"]) == 2 and s["guard"] is False
 
     pm = PrunableModel.wrap(model)
     corrections = fit(pm, load_calibration(calib).windows, removed, method)

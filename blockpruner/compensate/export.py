@@ -21,6 +21,7 @@ from ..export.materialize import (WEIGHTS_FILE, _replace_dir, _temp_dir_beside, 
                                   pruned_tensors)
 from .fit import check_method, fit
 from .fold import check_foldable, fold
+from .guard import guard
 
 
 def check_request(model_dir: str | Path, method: str, alpha: float | None) -> float:
@@ -35,8 +36,9 @@ def check_request(model_dir: str | Path, method: str, alpha: float | None) -> fl
 
 def compensate(model_dir: str | Path, step_json: str | Path, calib_dir: str | Path, out_dir: str | Path,
                method: str = "scale", alpha: float | None = None, max_windows: int | None = None,
-               pruning_method: str = "blockpruner") -> dict:
-    """Materialise step `step_json` of `model_dir` with a `method` correction fitted on `calib_dir`."""
+               pruning_method: str = "blockpruner", guarded: bool = True) -> dict:
+    """Materialise step `step_json` of `model_dir` with a `method` correction fitted on `calib_dir`
+    (with `guarded`, only the corrections that lower the calibration NLL together: `guard`)."""
     from safetensors.torch import save_file
 
     from ..data.calibration import load_calibration
@@ -59,6 +61,8 @@ def compensate(model_dir: str | Path, step_json: str | Path, calib_dir: str | Pa
         model, _, manifest = load_prepared(model_dir, device="cpu", tokenizer=False)
         pm = PrunableModel.wrap(model)
         corrections = fit(pm, windows, removed, method, alpha)
+        if guarded:
+            corrections = guard(pm, windows, removed, corrections)
         folded = fold(pm, corrections)
         plan = plan_layers(manifest["num_layers"], removed)
         tensors, _ = pruned_tensors(model, pm.adapter, plan)
@@ -68,6 +72,7 @@ def compensate(model_dir: str | Path, step_json: str | Path, calib_dir: str | Pa
         record = {
             "method": method,
             "alpha": alpha,
+            "guard": guarded,
             "fitted_on": "dense block outputs",
             "calibration": str(calib_dir),
             "calibration_hash": calib.hash,
@@ -77,7 +82,7 @@ def compensate(model_dir: str | Path, step_json: str | Path, calib_dir: str | Pa
         }
         config_file = staged / "config.json"
         config = json.loads(config_file.read_text(encoding="utf-8"))
-        config["pruning"]["compensation"] = {k: record[k] for k in ("method", "alpha", "calibration_hash", "windows")}
+        config["pruning"]["compensation"] = {k: record[k] for k in ("method", "alpha", "guard", "calibration_hash", "windows")}
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         pruned = load_pruned(staged)
         write_manifest(staged, pruned, source=pruned_manifest["source"], dtype=pruned_manifest["dtype"],

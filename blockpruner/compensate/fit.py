@@ -20,6 +20,8 @@ compensation), which is why it is pulled toward the identity.
 
 A run that starts the layer stack (attn.0 removed) has no anchor; it is skipped and the
 skip is recorded.
+
+Each correction is fitted on its own; `guard.py` keeps only those that help together.
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ def step_command(wildcards):
         return f"baseline-step --method {method['algorithm']}"
     screen = method.get("screen")
     if method.get("compensation", "none") != "none":
-        return (f"step --compensation {method['compensation']}"
-                f" --compensation-alpha {config['compensation'][method['compensation'] + '_alpha']}")
+        alpha = (config.get("compensation") or {}).get(f"{method['compensation']}_alpha")
+        return f"step --compensation {method['compensation']}" + (f" --compensation-alpha {float(alpha)!r}" if alpha is not None else "")
     if not screen:
         return "step"
     by_bi = screen.get("candidates_by_bi")
@@ -157,11 +157,12 @@ def compensated_variants(model):
 
 
 def compensation_options(wildcards):
-    """`--alpha A` (when set for this method) and `--max-windows N` (when set)."""
+    """`--alpha A` (when set for this method), `--max-windows N` (when set), `--no-guard` (guard: false)."""
     settings = config.get("compensation") or {}
     alpha = settings.get(f"{wildcards.comp}_alpha")
     windows = settings.get("max_windows")
-    return (f"--alpha {float(alpha)!r}" if alpha is not None else "") + (f" --max-windows {int(windows)}" if windows else "")
+    return ((f"--alpha {float(alpha)!r}" if alpha is not None else "") + (f" --max-windows {int(windows)}" if windows else "")
+            + ("" if settings.get("guard", True) else " --no-guard"))
 
 
 # ------------------------------------------------------------------ analyses.smk
