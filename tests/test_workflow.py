@@ -559,6 +559,20 @@ def test_compensation_aware_method_plans_its_step_and_refuses_screening(fresh):
     assert p.returncode != 0 and "methods.aware.compensation: only an exact blockpruner search" in p.stdout + p.stderr
 
 
+def test_compensation_settings_reach_the_compensate_command(fresh):
+    def comp(c, **settings):
+        c["prunings"]["compensate"] = ["none", "scale"]
+        c["compensation"] = settings
+
+    p = run_snakemake(fresh, "-n", "--printshellcmds", "--configfile",
+                      write_config(fresh, "comp", lambda c: comp(c, scale_alpha=0.5, max_windows=2, guard=False)))
+    out = p.stdout + p.stderr
+    assert re.search(r"cli compensate .* --method scale --alpha 0\.5 --max-windows 2 --no-guard --out \S+\+scale", out), out[-3000:]
+    p = run_snakemake(fresh, "-n", "--printshellcmds", "--configfile", write_config(fresh, "comp-default", comp))
+    out = p.stdout + p.stderr
+    assert re.search(r"cli compensate .* --method scale +--out \S+\+scale", out), out[-3000:]  # the command's defaults, guarded
+
+
 def test_benchmark_rule_plans_one_job_per_model_and_calibration(fresh):
     cfg = write_config(fresh, "bench", lambda c: c.update(benchmark={"enabled": True, "k": 2, "methods": ["plain", "exact"],
                                                                       "max_windows": 3}))

@@ -569,8 +569,8 @@ def _score_bounded(pm: PrunableModel, windows: Sequence[torch.Tensor], scores: S
 
     def cut(name: str) -> None:
         nonlocal kept_bytes
-        s = live.pop(name)
-        s.status, s.lower_bound = "bounded", s.nll_sum + sum(window_lower[name])
+        live[name].status, live[name].lower_bound = "bounded", lower(name)
+        del live[name]
         for j in range(len(windows)):
             gone = kept.pop((name, j), None)
             kept_bytes -= 0 if gone is None else gone.numel() * gone.element_size()

@@ -41,10 +41,11 @@ def step_command(wildcards):
     method = config["methods"][wildcards.method]
     if method["algorithm"] != "blockpruner":
         return f"baseline-step --method {method['algorithm']}"
+    comp = method.get("compensation", "none")
+    if comp != "none":
+        alpha = compensation_alpha(comp)
+        return f"step --compensation {comp}" + (f" --compensation-alpha {alpha!r}" if alpha is not None else "")
     screen = method.get("screen")
-    if method.get("compensation", "none") != "none":
-        alpha = (config.get("compensation") or {}).get(f"{method['compensation']}_alpha")
-        return f"step --compensation {method['compensation']}" + (f" --compensation-alpha {float(alpha)!r}" if alpha is not None else "")
     if not screen:
         return "step"
     by_bi = screen.get("candidates_by_bi")
@@ -156,12 +157,18 @@ def compensated_variants(model):
             for comp in compensations()]
 
 
+def compensation_alpha(method):
+    """compensation.<method>_alpha as a float, None where unset (the command's default)."""
+    alpha = (config.get("compensation") or {}).get(f"{method}_alpha")
+    return None if alpha is None else float(alpha)
+
+
 def compensation_options(wildcards):
     """`--alpha A` (when set for this method), `--max-windows N` (when set), `--no-guard` (guard: false)."""
     settings = config.get("compensation") or {}
-    alpha = settings.get(f"{wildcards.comp}_alpha")
+    alpha = compensation_alpha(wildcards.comp)
     windows = settings.get("max_windows")
-    return ((f"--alpha {float(alpha)!r}" if alpha is not None else "") + (f" --max-windows {int(windows)}" if windows else "")
+    return ((f"--alpha {alpha!r}" if alpha is not None else "") + (f" --max-windows {int(windows)}" if windows else "")
             + ("" if settings.get("guard", True) else " --no-guard"))
 
 
