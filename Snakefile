@@ -7,7 +7,7 @@
 #   snakemake --profile profiles/slurm --configfile config/paper.yaml
 #
 # Stages, one file each in workflow/rules/: model -> calibration -> search -> prune ->
-# evaluate -> summary; methods that compress instead of searching (SliceGPT, LaCo) go from
+# evaluate -> summary (and export: GGUF files for llama.cpp); methods that compress instead of searching (SliceGPT, LaCo) go from
 # calibration to compress.smk and on to evaluate.  Every rule calls one `blockpruner` subcommand.
 
 from snakemake.utils import min_version
@@ -35,6 +35,7 @@ include: "workflow/rules/prune.smk"
 include: "workflow/rules/compensate.smk"
 include: "workflow/rules/compress.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/export.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/analyses.smk"
 include: "workflow/rules/benchmark.smk"
@@ -56,3 +57,4 @@ rule all:
         sequence_outputs(),
         rules.analyses.input if config["analyses"]["enabled"] else [],
         rules.benchmarks.input if config["benchmark"]["enabled"] else [],
+        gguf_outputs(),

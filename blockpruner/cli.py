@@ -311,21 +311,44 @@ def cmd_sequence(a: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- stage 3: the pruned model
 
 
-def pruning_step_args(p: argparse.ArgumentParser) -> None:
-    """Which step's removals to apply: --step FILE, or --steps FILES --ratio R (materialize, compensate)."""
+def pruning_step_args(p: argparse.ArgumentParser, blocks: bool = False) -> None:
+    """Which removals to apply: --step FILE, or --steps FILES --ratio R (materialize, compensate), or with
+    `blocks` a given --blocks list (materialize); chosen_step refuses anything but one of them."""
     p.add_argument("--model", required=True, help="prepared dense model directory the search ran on")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--step", help="step_<K>.json whose removed blocks to apply")
-    which.add_argument("--steps", nargs="+", help="step_1.json ... step_N.json of one search: the smallest K among them "
-                                                  "whose pruning ratio reaches --ratio")
+    p.add_argument("--step", help="step_<K>.json whose removed blocks to apply")
+    p.add_argument("--steps", nargs="+", help="step_1.json ... step_N.json of one search: the smallest K among them "
+                                              "whose pruning ratio reaches --ratio")
+    if blocks:
+        p.add_argument("--blocks", default=None, metavar="attn.5,mlp.6,...",
+                       help="remove these blocks, in this order, instead of a step's: a list given (a published order, "
+                            "another tool's result), recorded as given, not searched")
     p.add_argument("--ratio", type=float, default=None, help="with --steps: target ratio of removed parameters, e.g. 0.2")
     p.add_argument("--no-embed", action="store_true", help="with --steps: ratio of non-embedding parameters instead of all")
 
 
-def chosen_step(a: argparse.Namespace) -> str:
-    """The step file of --step, or of the smallest K in --steps whose ratio reaches --ratio."""
+def nemotron_nas_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nemotron-nas", default=None, metavar="DIR",
+                   help="also write the Nemotron-NAS (DeciLM) layout here (Llama family; docs/export.md says which "
+                        "engines were run on it)")
+    p.add_argument("--nemotron-nas-auto-map", action="store_true",
+                   help="name NVIDIA's DeciLM code on the Hub in its config.json (auto_map), for transformers users "
+                        "who will trust remote code (default: none, so no reader asks to run remote code)")
+
+
+def chosen_step(a: argparse.Namespace) -> str | None:
+    """The step file of --step, or of the smallest K in --steps whose ratio reaches --ratio; None
+    for materialize's --blocks (a block list given, not a step)."""
     from .search.greedy import read_chain, read_step, steps_to_ratio
 
+    blocks = getattr(a, "blocks", None)  # materialize only
+    given = [name for name, v in (("--step", a.step), ("--steps", a.steps), ("--blocks", blocks)) if v is not None]
+    if len(given) != 1:
+        choices = "--step FILE, --steps FILES --ratio R" + (" or --blocks attn.5,mlp.6,..." if hasattr(a, "blocks") else "")
+        raise UserError(f"give one of {choices}" + (f", not {' and '.join(given)} together" if given else ""))
+    if blocks is not None:
+        if a.ratio is not None or a.no_embed:
+            raise UserError("--ratio and --no-embed pick K among --steps; --blocks names the blocks itself, so drop them")
+        return None
     if (a.steps is None) != (a.ratio is None):
         raise UserError("--steps FILES and --ratio R go together (or give one --step FILE)")
     if a.steps is None:
@@ -337,32 +360,34 @@ def chosen_step(a: argparse.Namespace) -> str:
 
 
 def materialize_args(p: argparse.ArgumentParser) -> None:
-    pruning_step_args(p)
+    pruning_step_args(p, blocks=True)
     p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
-    p.add_argument("--method", default="blockpruner", help="method name recorded in config.json (default: blockpruner)")
-    p.add_argument("--nemotron-nas", default=None, metavar="DIR",
-                   help="also write the Nemotron-NAS (DeciLM) serving layout for vLLM / llama.cpp here (Llama family)")
+    p.add_argument("--method", default=None,
+                   help="method name recorded in config.json (default: blockpruner; with --blocks: given)")
+    nemotron_nas_args(p)
 
 
 @command("materialize", materialize_args, help="write the pruned model of a step artifact as a self-contained directory",
          description="Physically remove the blocks of step_<K>.json: their weights are deleted, layers with both blocks "
                      "removed are dropped, the rest renumbered. The directory loads with blockpruner.load_pruned(DIR) or "
-                     "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True). With --steps FILES --ratio R, K is "
-                     "the smallest step whose pruning ratio reaches R.")
+                     "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True); its README.md is the model card. "
+                     "With --steps FILES --ratio R, K is the smallest step whose pruning ratio reaches R; with --blocks "
+                     "LIST, the blocks are the list's (no search artifact).")
 def cmd_materialize(a: argparse.Namespace) -> None:
     from .export.decilm import check_decilm, to_decilm
     from .export.materialize import materialize
 
+    step = chosen_step(a)
     if a.nemotron_nas:  # refuse before the work, not after
         config = Path(a.model) / "config.json"
         if config.exists():
             check_decilm(json.loads(config.read_text(encoding="utf-8")))
-    s = materialize(a.model, chosen_step(a), a.out, method=a.method)
+    s = materialize(a.model, step, a.out, method=a.method, removed=a.blocks)
     log.info("materialised K=%d (%s): %d -> %d layers (%d with attention), %d tensors / %d parameters removed, "
              "%d -> %d parameters -> %s", s["k"], ",".join(s["removed"]), s["source_layers"], s["layers"],
              s["attention_layers"], s["removed_tensors"], s["removed_params"], s["params_before"], s["params"], a.out)
     if a.nemotron_nas:
-        to_decilm(a.out, a.nemotron_nas)
+        to_decilm(a.out, a.nemotron_nas, auto_map=a.nemotron_nas_auto_map)
         log.info("Nemotron-NAS (DeciLM) layout -> %s", a.nemotron_nas)
 
 
@@ -413,8 +438,7 @@ def compensate_args(p: argparse.ArgumentParser) -> None:
                         "pruned model's calibration NLL together with those kept before it)")
     p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
     p.add_argument("--pruning-method", default="blockpruner", help="search method name recorded in config.json")
-    p.add_argument("--nemotron-nas", default=None, metavar="DIR",
-                   help="also write the Nemotron-NAS (DeciLM) serving layout here (Llama family)")
+    nemotron_nas_args(p)
 
 
 @command("compensate", compensate_args, help="materialise a step with a training-free correction folded into kept blocks",
@@ -440,8 +464,40 @@ def cmd_compensate(a: argparse.Namespace) -> None:
                      c["folded_into"], c["residual_before"], c["residual_after"])
     log.info("compensated (%s, alpha %g) K=%d -> %s", s["method"], s["alpha"], s["k"], a.out)
     if a.nemotron_nas:
-        to_decilm(a.out, a.nemotron_nas)
+        to_decilm(a.out, a.nemotron_nas, auto_map=a.nemotron_nas_auto_map)
         log.info("Nemotron-NAS (DeciLM) layout -> %s", a.nemotron_nas)
+
+
+def export_gguf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="pruned directory (from materialize or compensate), or a prepared dense one as the baseline")
+    p.add_argument("out", help="output .gguf file (replaced if it exists)")
+    p.add_argument("--outtype", default="f32", help="f32 (written directly), or f16, bf16, q8_0, q4_k_m (by llama.cpp's "
+                                                    "own quantiser from the f32 file; default: f32)")
+    p.add_argument("--converter", default=None, help="llama.cpp's convert_hf_to_gguf.py, which writes the vocabulary "
+                                                     "(default: $BLOCKPRUNER_LLAMA_CPP_CONVERTER, else the copy "
+                                                     "envs/llama-cpp.sh unpacks into the cache)")
+    p.add_argument("--check-tokens", type=int, default=32,
+                   help="run the f32 file in llama.cpp on this many tokens of a fixed text and compare its logits with "
+                        "the directory's (0: no check; default: 32)")
+    p.add_argument("--threads", type=int, default=0, help="threads for quantising and the check (0: all)")
+
+
+@command("export-gguf", export_gguf_args, help="write a pruned Llama-family model as a GGUF file llama.cpp runs exactly",
+         description="Write llama.cpp's deci architecture: kept blocks packed into (attention, MLP) layers, zero-weight "
+                     "placeholders where llama.cpp's graph needs them, the vocabulary from llama.cpp's converter, and "
+                     "quantisation by llama.cpp's quantiser. Other architectures are refused. With --check-tokens N the "
+                     "f32 file is run in llama.cpp and its logits compared with the directory's before quantising.")
+def cmd_export_gguf(a: argparse.Namespace) -> None:
+    from .export.llamacpp import export_gguf
+
+    m = export_gguf(a.model, a.out, a.outtype, converter=a.converter, threads=a.threads, check_tokens=a.check_tokens)
+    log.info("GGUF %s (%s, %.1f MB): %d layers from %d (%d removed blocks), zero placeholders: FFN in layers %s, "
+             "attention in layers %s", a.out, m["outtype"], m["bytes"] / 1e6, m["gguf_layers"], m["source_layers"],
+             len(m["removed"]), m["placeholder_ffn_layers"] or "none", m["placeholder_attn_layers"] or "none")
+    if "check" in m:
+        c = m["check"]
+        log.info("llama.cpp check (f32 file, f32 KV cache, %d tokens): max |logit difference| %.3g, argmax agrees on "
+                 "%d/%d positions", c["tokens"], c["max_abs_diff"], c["argmax_agree"], c["tokens"])
 
 
 # ---------------------------------------------------------------- stage 4: evaluation
@@ -562,6 +618,39 @@ def cmd_speed(a: argparse.Namespace) -> None:
                      m["kv_bytes_per_token"], m["peak_mem_bytes"], m["peak_mem_kind"])
     if r["baseline"]:
         log.info("speedup %.3fx, KV cache reduction %.1f%% -> %s", r["speedup"], 100 * r["kv_cache_reduction"], a.out)
+
+
+def speed_gguf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="GGUF file (from export-gguf)")
+    p.add_argument("--baseline", default=None, help="the dense model's GGUF file, timed in the same run")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default: 64)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default: 64)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per file; medians are reported (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default: 1)")
+    p.add_argument("--out", required=True, help="output .json")
+
+
+@command("speed-gguf", speed_gguf_args, help="prompt and generation speed of a GGUF file in llama.cpp vs its dense baseline",
+         description="Time prompt processing (one batch) and greedy generation (one token at a time through the KV cache) "
+                     "in llama.cpp, medians of repeated runs, for the model and the baseline in one run, with the KV-cache "
+                     "size llama.cpp reports (flash attention off and on).")
+def cmd_speed_gguf(a: argparse.Namespace) -> None:
+    from .eval.gguf_speed import measure_gguf, write_speed_gguf
+
+    r = measure_gguf(a.model, a.baseline, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, repeats=a.repeats,
+                     warmup=a.warmup, threads=a.threads)
+    write_speed_gguf(a.out, r)
+    for role in ("baseline", "model"):
+        if r[role]:
+            m = r[role]
+            log.info("%-8s prompt %.1f tok/s, generation %.1f tok/s (medians of %d), KV %d B/token (%d with flash "
+                     "attention), %.1f MB", role, m["prompt_tokens_per_s"], m["gen_tokens_per_s"], a.repeats,
+                     m["kv_bytes_per_token"], m["kv_bytes_per_token_flash"], m["bytes"] / 1e6)
+    if r["baseline"]:
+        log.info("generation %.3fx, prompt %.3fx, KV cache -%.1f%% (-%.1f%% with flash attention) -> %s",
+                 r["gen_speedup"], r["prompt_speedup"], 100 * r["kv_cache_reduction"],
+                 100 * r["kv_cache_reduction_flash"], a.out)
 
 
 # ---------------------------------------------------------------- stage 5: reports and analyses

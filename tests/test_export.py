@@ -394,25 +394,28 @@ def test_decilm_layout_matches_published_format(tmp_path):
     cfg = decilm.to_decilm(tmp_path / "pruned", tmp_path / "nas")
     written = json.loads((tmp_path / "nas" / "config.json").read_text())
     assert written == json.loads(json.dumps(cfg))
-    assert NAS_TOP_KEYS <= set(written)
+    assert NAS_TOP_KEYS - {"auto_map"} <= set(written) and "auto_map" not in written  # remote code only when asked
     assert written["architectures"] == ["DeciLMForCausalLM"] and written["model_type"] == "nemotron-nas"
-    assert written["num_hidden_layers"] == len(written["block_configs"]) == 4
-    expect = [(False, True), (True, True), (False, True), (True, False)]
-    names = tensor_names(tmp_path / "nas")
+    # PATTERN keeps mlp.0 | attn.2 mlp.2 | mlp.3 | attn.4, packed as (attention?, MLP?) layers:
+    # (zero attention, mlp.0) (attn.2, mlp.2) (-, mlp.3) (attn.4, zero FFN)
+    expect = [("zero", "mlp"), ("attn", "mlp"), (None, "mlp"), ("attn", "zero")]
+    assert written["num_hidden_layers"] == len(written["block_configs"]) == len(expect)
+    nas = load_file(str(tmp_path / "nas" / materialize.WEIGHTS_FILE))
     for j, (block, (attn, mlp)) in enumerate(zip(written["block_configs"], expect)):
         assert set(block) == {"attention", "ffn"}
         assert set(block["attention"]) == NAS_ATTENTION_KEYS and set(block["ffn"]) == NAS_FFN_KEYS
-        assert block["attention"]["no_op"] is (not attn) and block["ffn"]["no_op"] is (not mlp)
-        assert block["attention"]["n_heads_in_group"] == (4 // 2 if attn else None)
-        if mlp:
-            assert block["ffn"]["ffn_mult"] == 6.0  # 256 * 3 / (2 * 64)
-            assert reader_intermediate_size(block["ffn"]["ffn_mult"], written["hidden_size"]) == 256
-        else:
-            assert block["ffn"]["ffn_mult"] is None
-        layer = {n.split(".", 3)[3] for n in names if n.startswith(f"model.layers.{j}.")}
-        assert layer == (NAS_LAYER_TENSORS["attn"] if attn else set()) | (NAS_LAYER_TENSORS["mlp"] if mlp else set())
-    assert {"model.embed_tokens.weight", "model.norm.weight"} <= names
+        assert block["attention"]["no_op"] is (attn is None) and block["ffn"]["no_op"] is False
+        assert block["attention"]["n_heads_in_group"] == (None if attn is None else 4 // 2)
+        assert reader_intermediate_size(block["ffn"]["ffn_mult"], written["hidden_size"]) == 256
+        layer = {n.split(".", 3)[3] for n in nas if n.startswith(f"model.layers.{j}.")}
+        assert layer == (NAS_LAYER_TENSORS["attn"] if attn else set()) | NAS_LAYER_TENSORS["mlp"]
+        for kind, what in (("attn", attn), ("mlp", mlp)):
+            weights = [nas[f"model.layers.{j}.{t}"] for t in NAS_LAYER_TENSORS[kind] if what and "norm" not in t]
+            assert all((not w.any()) if what == "zero" else w.any() for w in weights)
+    assert {"model.embed_tokens.weight", "model.norm.weight"} <= set(nas)
     assert not (tmp_path / "nas" / materialize.MODELING_FILE).exists()
+    asked = decilm.to_decilm(tmp_path / "pruned", tmp_path / "nas2", auto_map=True)
+    assert asked["auto_map"]["AutoModelForCausalLM"].endswith("modeling_decilm.DeciLMForCausalLM")
 
 
 def test_decilm_refuses_other_layouts(tmp_path, materialised):

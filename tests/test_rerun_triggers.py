@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from .conftest import ROOT, tiny_model
+from .conftest import ROOT, llama2_style_tokenizer, tiny_model
 from .test_workflow import copy_workflow, run_snakemake
 
 TABLE = "workflow/code-files.yaml"
@@ -39,12 +39,12 @@ def tiny_study(tmp: Path) -> tuple[Path, str]:
     BlockPruner searched in two shards beside ShortGPT, LaCo and SliceGPT, a ratio target with
     a compensated variant of each search's pruning, every evaluation (two
     tasks: one with a YAML prompt, one with Python prompt functions), the analyses and the
-    search-speed benchmark, all on local files."""
-    from .test_evaluate import LINES, tiny_tokenizer
+    search-speed benchmark, and the GGUF export with its llama.cpp timing, all on local files."""
+    from .test_evaluate import LINES
 
     model_dir = tmp / "tiny-llama"
-    tiny_model("llama", num_hidden_layers=3).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    tok = llama2_style_tokenizer(model_dir)  # a vocabulary llama.cpp's converter reads, for export-gguf
+    tiny_model("llama", num_hidden_layers=3, vocab_size=len(tok), intermediate_size=256).save_pretrained(model_dir)
     rng = random.Random(0)
     calib = tmp / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": " ".join(rng.choices(LINES, k=3))}) + "\n" for _ in range(8)))
@@ -70,6 +70,7 @@ def tiny_study(tmp: Path) -> tuple[Path, str]:
         "prunings": {"k": [], "ratio": [0.05], "compensate": ["none", "scale"]},
         "analyses": {"enabled": True, "bi_max_windows": 1},
         "benchmark": {"enabled": True, "k": 1, "methods": ["plain", "exact"], "max_windows": 2},
+        "export": {"gguf": ["q8_0"], "speed": True},
         "evaluate": {"dense": False,  # the pruned variants' speed job loads the dense model too
                      "perplexity": {"enabled": True, "path": str(rows), "seqlen": 16, "max_windows": 2},
                      "tasks": {"enabled": True, "tasks": ["piqa", "winogrande"], "local_data": str(tmp / "evals"),

@@ -4,13 +4,15 @@ The directory is the one `materialize` writes for the same step -- same config, 
 tokenizer and tensor names and shapes -- with the anchors' weights replaced by their folded
 versions, so it loads wherever the uncompensated one loads (`load_pruned`, `from_pretrained`
 with the shipped modeling file, the Nemotron-NAS rewrite). The manifest records the method,
-its settings, each fitted correction's summary and the calibration artifact it was fitted on.
+its settings, each fitted correction's summary and the calibration artifact it was fitted on;
+the model card (README.md) says the same in words.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from ..adapters import adapter_for
@@ -19,6 +21,7 @@ from ..blocks import PrunableModel
 from ..errors import UserError
 from ..export.materialize import (WEIGHTS_FILE, _replace_dir, _temp_dir_beside, load_pruned, materialize, plan_layers,
                                   pruned_tensors)
+from ..export.model_card import calibration_facts, card_from_dir, write_model_card
 from .fit import check_method, fit
 from .fold import check_foldable, fold
 from .guard import guard
@@ -85,8 +88,13 @@ def compensate(model_dir: str | Path, step_json: str | Path, calib_dir: str | Pa
         config["pruning"]["compensation"] = {k: record[k] for k in ("method", "alpha", "guard", "calibration_hash", "windows")}
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         pruned = load_pruned(staged)
+        card = replace(card_from_dir(staged), compensation={
+            "method": method, "alpha": alpha, "guard": guarded, "windows": len(windows),
+            "fitted": len(record["corrections"]), "kept": sum("skipped" not in c for c in record["corrections"]),
+            "calibration": calibration_facts(calib_dir, calib.hash, windows=len(windows))})
+        write_model_card(staged, card)
         write_manifest(staged, pruned, source=pruned_manifest["source"], dtype=pruned_manifest["dtype"],
-                       extra={"pruning": pruning, "compensation": record},
+                       extra={"pruning": pruning, "compensation": record, "model_card": card.record()},
                        trust_remote_code=pruned_manifest.get("trust_remote_code", False))
         del pruned
         _replace_dir(staged, out)

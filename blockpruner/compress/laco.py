@@ -250,6 +250,7 @@ def compress(model_dir: Path, calib_dir: Path, out_dir: Path, *, ratio: float, s
     from ..data.calibration import load_calibration
     from ..data.sources import load_prepared, read_manifest, resolve_device, write_manifest
     from ..export.materialize import WEIGHTS_FILE, KeptLayer, _replace_dir, _temp_dir_beside, pruned_tensors
+    from ..export.model_card import ModelCard, calibration_facts, source_facts, write_model_card
 
     model_dir, calib_dir, out = Path(model_dir), Path(calib_dir), Path(out_dir)
     if out.resolve() == model_dir.resolve():
@@ -315,6 +316,18 @@ def compress(model_dir: Path, calib_dir: Path, out_dir: Path, *, ratio: float, s
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        merges = "; ".join(f"layers {', '.join(map(str, t['merged']))} into layer {t['base']}" for t in record["merges"])
+        write_model_card(tmp, ModelCard(
+            **source_facts(model_dir, manifest), method=METHOD, params_before=dense_total, params_after=total,
+            source_layers=manifest["num_layers"], layers=len(kept), ratio_no_embed=record["ratio_no_embed"],
+            layout="laco", calibration=calibration_facts(calib_dir, calib.hash, windows=len(windows)),
+            details=[f"Decoder layers {manifest['num_layers']} → {len(kept)}; merges (layer numbers of the base "
+                     f"model): {merges or 'none'}.",
+                     f"Settings: merge {cfg.merge_layers} layers at a time, similarity threshold {cfg.threshold}, "
+                     f"interval {cfg.interval}, lowest layer {cfg.lowest_layer}, highest {cfg.highest(manifest['num_layers'])}, "
+                     f"{cfg.samples} calibration samples.",
+                     f"Target: {100 * ratio:.2f}% of all parameters; reached {100 * record['ratio']:.2f}%"
+                     + ("." if record["target_reached"] else " (no further merge passed the threshold).")]))
         written = write_manifest(tmp, model, source=str(model_dir), dtype=manifest["dtype"], extra=record)
         _replace_dir(tmp, out)
     except BaseException:

@@ -417,6 +417,7 @@ def compress(model_dir: Path, calib_dir: Path, out_dir: Path, *, ratio: float, s
     from ..data.calibration import load_calibration
     from ..data.sources import load_prepared, read_manifest, write_manifest
     from ..export.materialize import _replace_dir, _temp_dir_beside
+    from ..export.model_card import ModelCard, calibration_facts, source_facts, write_model_card
 
     s = resolve_settings(settings)
     model_dir, calib_dir, out = Path(model_dir), Path(calib_dir), Path(out_dir)
@@ -467,6 +468,16 @@ def compress(model_dir: Path, calib_dir: Path, out_dir: Path, *, ratio: float, s
         reloaded = load_sliced(tmp)
         if sum(p.numel() for p in reloaded.parameters()) != params_pruned:
             raise AssertionError("the written sliced model does not reload with the same parameter count")
+        write_model_card(tmp, ModelCard(
+            **source_facts(model_dir, manifest), method="slicegpt", params_before=params_dense,
+            params_after=params_pruned, layout="slicegpt",
+            calibration=calibration_facts(calib_dir, calib.hash, windows=len(windows)),
+            details=[f"Residual stream width {config.hidden_size} → {width} in every layer "
+                     f"({100 * record['slicing']:.2f}% sliced away, a multiple of {s['round_to']}); the layer count "
+                     "is unchanged.",
+                     "LM head " + ("sliced too." if s["slice_head"] else "kept at full width (the last layer's MLP "
+                                                                          "writes the full width)."),
+                     f"Target: {100 * ratio:.2f}% of all parameters; reached {100 * record['ratio']:.2f}%."]))
         # its own modeling file is what loads it (config.json's auto_map), hence trust_remote_code
         written = write_manifest(tmp, sliced, source=str(model_dir), dtype="fp32", extra=record, trust_remote_code=True)
         _replace_dir(tmp, out)

@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 
 from ..adapters import adapter_for, text_config
-from ..artifacts import read_json, sha256_file, sha256_text, write_json
+from ..artifacts import atomic_write_text, read_json, sha256_file, sha256_text, write_json
 from ..errors import UserError
+from ..gguf_vocab import VOCAB_FILE, write_vocab_file
 
 FORMAT = "blockpruner.model/1"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -202,7 +203,10 @@ def prepare_model(spec: str, out_dir: str | Path, dtype: str = "fp32", trust_rem
     if src.gguf_file:  # dequantising a GGUF takes minutes: keep one converted copy per file and dtype
         cached = CACHE / "prepared" / f"{sha256_file(Path(src.location) / src.gguf_file)[:20]}-{dtype}"
         if (cached / "manifest.json").exists():
-            return _copy_prepared(cached, Path(out_dir), spec, trust_remote_code)
+            manifest = _copy_prepared(cached, Path(out_dir), spec, trust_remote_code)
+            if not (Path(out_dir) / VOCAB_FILE).exists():  # a copy cached before the vocabulary was kept
+                write_vocab_file(Path(src.location) / src.gguf_file, Path(out_dir) / VOCAB_FILE)
+            return manifest
     cfg, src = load_config(spec, trust_remote_code)
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if src.gguf_file:
@@ -227,6 +231,11 @@ def prepare_model(spec: str, out_dir: str | Path, dtype: str = "fp32", trust_rem
         old.unlink()
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    drop_gguf_quantization_config(out)
+    if src.gguf_file:
+        write_vocab_file(Path(src.location) / src.gguf_file, out / VOCAB_FILE)
+    else:
+        carry_tokenizer_files(src, out)
     manifest = write_manifest(out, model, source=spec, dtype=dtype, trust_remote_code=trust_remote_code)
     if cached:
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
@@ -243,10 +252,41 @@ def _copy_prepared(cached: Path, out: Path, spec: str, trust_remote_code: bool =
     for f in cached.iterdir():
         if f.name != "manifest.json":
             shutil.copy2(f, out / f.name)
+    drop_gguf_quantization_config(out)
     manifest = read_json(cached / "manifest.json", FORMAT)
     manifest["source"] = spec
     manifest["trust_remote_code"] = trust_remote_code
     return write_json(out / "manifest.json", manifest, FORMAT)
+
+
+# Files a tokenizer's save_pretrained does not write but llama.cpp's converter reads: SentencePiece's
+# model (its piece scores decide how llama.cpp merges) and a GGUF source's own vocabulary.
+CARRIED_TOKENIZER_FILES = ("tokenizer.model", VOCAB_FILE)
+
+
+def carry_tokenizer_files(src: Source | Path, out: Path) -> None:
+    """Copy CARRIED_TOKENIZER_FILES from a source or model directory into `out`, where it has them."""
+    for name in CARRIED_TOKENIZER_FILES:
+        if isinstance(src, Path):
+            path = src / name
+        elif src.kind == "hub":
+            from transformers.utils.hub import cached_file
+
+            path = cached_file(src.location, name, _raise_exceptions_for_missing_entries=False)
+        else:
+            path = Path(src.location) / name
+        if path is not None and Path(path).is_file() and not (out / name).exists():
+            shutil.copy2(path, out / name)
+
+
+def drop_gguf_quantization_config(directory: Path) -> None:
+    """A model loaded from a .gguf is dequantised, but transformers keeps `quantization_config:
+    {quant_method: gguf}` in its config, which makes converters (llama.cpp's) refuse the directory."""
+    f = Path(directory) / "config.json"
+    d = json.loads(f.read_text(encoding="utf-8"))
+    if (d.get("quantization_config") or {}).get("quant_method") == "gguf":
+        del d["quantization_config"]
+        atomic_write_text(f, json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
 def weight_files(directory: Path) -> list[Path]:

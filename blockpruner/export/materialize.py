@@ -15,7 +15,10 @@
   code from the base transformers class plus the recorded pruning (it never imports the
   directory's Python, so a tampered `modeling_blockpruner.py` does not run);
 - config.json's `pruning` records the source, the removed blocks in removal order, the method
-  and K.
+  and K, and whether the blocks were searched (a step artifact) or given (`removed=[...]`,
+  `blockpruner materialize --blocks`);
+- README.md is the model card (`model_card`): base model, removed blocks, ratio, method,
+  calibration data and how to load the directory.
 
 `decilm.to_decilm(pruned_dir, out_dir)` rewrites such a directory in the Nemotron-NAS layout.
 """
@@ -64,6 +67,33 @@ def plan_layers(num_layers: int, removed: list[str]) -> list[KeptLayer]:
     if not plan:
         raise UserError("every block is removed; nothing is left to materialise")
     return plan
+
+
+def given_blocks(blocks: str | list[str], num_layers: int) -> list[str]:
+    """An explicit block list ("attn.5,mlp.6" or a list), checked against a model of `num_layers`
+    layers: valid names, each once, within the layers, not every block. Order is kept."""
+    names = [b.strip() for b in blocks.split(",")] if isinstance(blocks, str) else [str(b).strip() for b in blocks]
+    if not names or not all(names):
+        raise UserError(f"the given block list {blocks!r} has an empty entry; list blocks separated by commas, "
+                        "e.g. attn.5,mlp.6")
+    seen: set[str] = set()
+    for name in names:
+        try:
+            kind, layer = parse_block(name)
+        except UserError:
+            raise UserError(f"the given block list names {name!r}, not a block; write attn.<layer> or mlp.<layer>, "
+                            "e.g. attn.5,mlp.6") from None
+        if name != f"{kind}.{layer}":
+            raise UserError(f"the given block list names {name!r}; write it as {kind}.{layer}")
+        if layer >= num_layers:
+            raise UserError(f"the given block list names {name}, but the model has {num_layers} layers "
+                            f"(attn.0 .. mlp.{num_layers - 1}); use layer numbers below {num_layers}")
+        if name in seen:
+            raise UserError(f"the given block list names {name} twice; list each block once")
+        seen.add(name)
+    if len(names) == 2 * num_layers:
+        raise UserError(f"the given block list removes all {2 * num_layers} blocks; nothing would be left")
+    return names
 
 
 def base_classes(model) -> tuple[type, type]:
@@ -187,34 +217,56 @@ def _temp_dir_beside(out: Path) -> Path:
     return tmp
 
 
-def materialize(model_dir: str | Path, step_json: str | Path, out_dir: str | Path, method: str = "blockpruner") -> dict:
-    """Write the pruned model of a step artifact as a self-contained directory; returns a summary."""
+def materialize(model_dir: str | Path, step_json: str | Path | None, out_dir: str | Path, method: str | None = None,
+                *, removed: str | list[str] | None = None, evaluation: dict | None = None) -> dict:
+    """Write the pruned model of a step artifact, or of an explicit block list (`removed`, with
+    `step_json=None`: a list given, not searched), as a self-contained directory with its model
+    card (README.md; `evaluation` adds the study's figures to it); returns a summary.
+
+    `method` is the name recorded in config.json: default blockpruner for a step, given for a list.
+    """
     from safetensors.torch import save_file
 
-    from ..data.sources import load_prepared, read_manifest, write_manifest
-    from ..search.greedy import read_step
+    from ..blocks import PrunableModel
+    from ..data.sources import carry_tokenizer_files, load_prepared, read_manifest, write_manifest
+    from ..search.greedy import given_step, read_step
+    from .model_card import write_model_card
 
     model_dir, out = Path(model_dir), Path(out_dir)
+    if (step_json is None) == (removed is None):
+        raise UserError("give the removed blocks one way: a step artifact or an explicit block list, not both")
     if out.resolve() == model_dir.resolve():
         raise UserError(f"--out {out} is the source model directory; write the pruned model elsewhere")
     manifest = read_manifest(model_dir)
-    step = read_step(step_json)
-    if step["inputs"].get("model_hash") != manifest["content_hash"]:
-        raise UserError(f"{step_json}: stale, made for another model than {model_dir} (content hash differs); "
-                        "rerun the search for this model")
-    removed = list(step["removed"])
+    if step_json is None:  # checked before the model is loaded
+        removed = given_blocks(removed, manifest["num_layers"])
+        method = method or "given"
+        step = None
+    else:
+        step = read_step(step_json)
+        if step["inputs"].get("model_hash") != manifest["content_hash"]:
+            raise UserError(f"{step_json}: stale, made for another model than {model_dir} (content hash differs); "
+                            "rerun the search for this model")
+        removed = list(step["removed"])
+        method = method or "blockpruner"
     plan = plan_layers(manifest["num_layers"], removed)
 
     model, tok, _ = load_prepared(model_dir, device="cpu")
     adapter = adapter_for(model.config.model_type)
+    if step is None:  # the same parameter counts as a search step's, from the in-memory model
+        step = given_step(PrunableModel.wrap(model), removed, method,
+                          {"model": str(model_dir), "model_hash": manifest["content_hash"], "calibration": None,
+                           "calibration_hash": None, "previous_step": None})
+    expected = f"{step_json} expects" if step_json is not None else "the given blocks' count is"
     pruning = {
         "method": method,
         "k": step["k"],
         "removed": removed,
+        "source_of_removals": "searched" if step_json is not None else "given",
         "source_model": str(model_dir),
         "source_hash": manifest["content_hash"],
         "source_num_layers": manifest["num_layers"],
-        "step": str(step_json),
+        "step": str(step_json) if step_json is not None else None,
         "params": step["params"],
     }
     config = pruned_config(model, adapter, plan, pruning)
@@ -226,27 +278,59 @@ def materialize(model_dir: str | Path, step_json: str | Path, out_dir: str | Pat
         (tmp / MODELING_FILE).write_text(modeling_source(*base_classes(model)), encoding="utf-8")
         model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        carry_tokenizer_files(model_dir, tmp)
         del model, tensors
         pruned = load_pruned(tmp)
         params = sum(p.numel() for p in pruned.parameters())
         if params != step["params"]["remaining"]:
-            raise UserError(f"materialised model has {params} parameters, but {step_json} expects "
-                            f"{step['params']['remaining']}; the step does not match this model")
+            raise UserError(f"materialised model has {params} parameters, but {expected} "
+                            f"{step['params']['remaining']}; the {'step' if step_json else 'list'} does not match this model")
         summary = {
             "k": step["k"], "method": method, "removed": removed,
             "layers": len(plan), "attention_layers": sum(k.attn for k in plan),
             "source_layers": manifest["num_layers"], "removed_tensors": dropped["tensors"],
             "removed_params": dropped["params"], "params": params, "params_before": manifest["parameters"],
         }
+        card = pruning_card(model_dir, manifest, pruning, step, summary, evaluation)
+        write_model_card(tmp, card)
         # the base's remote-code choice travels on: the tokenizer written above may be the base's own code
         write_manifest(tmp, pruned, source=str(model_dir), dtype=manifest["dtype"],
-                       extra={"pruning": {**pruning, "summary": summary}},
+                       extra={"pruning": {**pruning, "summary": summary}, "model_card": card.record()},
                        trust_remote_code=manifest.get("trust_remote_code", False))
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
+
+
+def pruning_card(model_dir: Path, manifest: dict, pruning: dict, step: dict, summary: dict,
+                 evaluation: dict | None = None):
+    """The model card (`model_card.ModelCard`) of a materialised pruning: source facts from the
+    prepared model, the rest from the step (or the given list's step-like record) and the
+    materialised counts."""
+    from . import model_card
+
+    inputs = step.get("inputs") or {}
+    searched = pruning["source_of_removals"] == "searched"
+    return model_card.ModelCard(
+        **model_card.source_facts(model_dir, manifest),
+        method=pruning["method"],
+        params_before=summary["params_before"],
+        params_after=summary["params"],
+        search_method=step["settings"].get("method") if searched else None,
+        source_of_removals=pruning["source_of_removals"],
+        removed=list(pruning["removed"]),
+        k=pruning["k"],
+        source_layers=summary["source_layers"],
+        layers=summary["layers"],
+        attention_layers=summary["attention_layers"],
+        ratio_no_embed=step["params"].get("ratio_no_embed"),
+        calibration=model_card.calibration_facts(inputs.get("calibration"), inputs.get("calibration_hash"))
+        if searched else None,
+        settings=dict(step["settings"]) if searched else None,
+        evaluation=dict(evaluation) if evaluation else None,
+    )
 
 
 # -- loading without remote code ------------------------------------------------------------------

@@ -349,6 +349,22 @@ def step_record(k: int, removed_before: list[str], unit: str, blocks: list[str],
     return record
 
 
+def given_step(pm: PrunableModel, removed: list[str], method: str = "given", inputs: dict | None = None) -> dict:
+    """A step-like record for a block list that was given, not searched (`materialize --blocks`).
+
+    The same record as a step's (`step_record`: removed blocks, attention / MLP counts, the
+    parameter counts of `pm.param_summary`), with no perplexity, scores or calibration, and
+    settings saying where the list came from. It is never written as a step artifact.
+    """
+    removed = pm.check(removed)
+    if not removed:
+        raise UserError("the given block list is empty; name at least one block, e.g. attn.5,mlp.6")
+    record = step_record(len(removed), removed[:-1], removed[-1], removed[-1:], 0.0, 1, pm.param_summary(removed), [],
+                         StepSettings(method=method), inputs or {}, Cost(), {})
+    return record | {"ppl": None, "nll_sum": None, "tokens": None,
+                     "settings": {"method": method, "source_of_removals": "given"}}
+
+
 def _search_record(k: int, removed: list[str], ranked: list[Score], params: dict, settings: StepSettings, inputs: dict,
                    info: dict, cost: Cost, timing: dict) -> dict:
     best = ranked[0]

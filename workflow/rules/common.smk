@@ -110,6 +110,12 @@ if COMPRESS_METHODS and not all(RATIOS_OF.values()):
 if COMPRESS_METHODS and config["prunings"]["ratio_of"] != "all":
     config_error(f"methods.{COMPRESS_METHODS[0]}", "slicegpt and laco target a ratio of all parameters: set "
                  "prunings.ratio_of: all")
+for _name in config["export"]["models"] or []:
+    if _name not in MODELS:
+        config_error(f"export.models", f"no such model {_name!r}; models: {', '.join(MODELS)}")
+if config["export"]["gguf"] and config["export"]["speed"] and not config["evaluate"]["speed"]["enabled"]:
+    config_error("export.speed", "times GGUF files with evaluate.speed's sizes: set evaluate.speed.enabled: true, "
+                 "or export.speed: false")
 if not KS and not RATIOS and not config["evaluate"]["dense"]:
     config_error("prunings", "nothing to do: give prunings.k and/or prunings.ratio, or evaluate.dense: true")
 if len({ratio_label(r) for r in RATIOS}) != len(RATIOS):
@@ -180,6 +186,21 @@ EVAL_KINDS = [
 
 def eval_outputs():
     return [f"results/eval/{m}/{v}/{kind}.json" for m in MODELS for v in eval_variants(m) for kind in EVAL_KINDS]
+
+
+def gguf_variants(model):
+    """dense and the block-removal variants (search methods' prunings, compensated ones) of a model."""
+    pruned = [f"{c}/{m}/{p}" for c in CALIBS for m in SEARCH_METHODS for p in pruning_labels(m, model)]
+    return ["dense"] + pruned + compensated_variants(model)
+
+
+def gguf_outputs():
+    """Every GGUF file export.gguf asks for, and with export.speed each pruned file's llama.cpp timing."""
+    models = config["export"]["models"] or MODELS
+    files = [f"results/gguf/{m}/{v}/model-{t}.gguf" for m in models for v in gguf_variants(m) for t in config["export"]["gguf"]]
+    speed = [f"results/eval/{m}/{v}/speed-gguf-{t}.json" for m in models for v in gguf_variants(m) if v != "dense"
+             for t in config["export"]["gguf"]] if config["export"]["speed"] else []
+    return files + speed
 
 
 def search_outputs():
