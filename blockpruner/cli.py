@@ -589,13 +589,18 @@ def cmd_eval_tasks(a: argparse.Namespace) -> None:
     log.info("average %.4f -> %s", r["average"], a.out)
 
 
+def timing_args(p: argparse.ArgumentParser, new_tokens: int, repeats: int, warmup: int) -> None:
+    """The sizes of a generation-speed run (speed, speed-gguf)."""
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default: 64)")
+    p.add_argument("--new-tokens", type=int, default=new_tokens, help=f"tokens generated per run (default: {new_tokens})")
+    p.add_argument("--repeats", type=int, default=repeats, help=f"timed runs per model (default: {repeats})")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed runs first (default: {warmup})")
+
+
 def speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="prepared or materialised model directory")
     p.add_argument("--baseline", default=None, help="dense model directory to compare with")
-    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default: 64)")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default: 128)")
-    p.add_argument("--repeats", type=int, default=20, help="timed runs per model (default: 20)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default: 2)")
+    timing_args(p, new_tokens=128, repeats=20, warmup=2)
     device_arg(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", required=True, help="output speed .json")
@@ -623,10 +628,7 @@ def cmd_speed(a: argparse.Namespace) -> None:
 def speed_gguf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="GGUF file (from export-gguf)")
     p.add_argument("--baseline", default=None, help="the dense model's GGUF file, timed in the same run")
-    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default: 64)")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default: 64)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per file; medians are reported (default: 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    timing_args(p, new_tokens=64, repeats=5, warmup=1)
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default: 1)")
     p.add_argument("--out", required=True, help="output .json")
 

@@ -71,7 +71,7 @@ def llama_cpp_greedy(path: Path, ids: list[int], n: int, f32_kv: bool = False) -
         llm.close()
 
 
-def tiny_llama_dir(root: Path, vocab: str, smollm_dir: Path) -> Path:
+def tiny_llama_dir(root: Path, vocab: str, smollm_dir: Path, **over) -> Path:
     """A 6-layer random Llama with a real vocabulary, prepared like any source: SmolLM2's BPE (with
     its pre-tokenizer) or a SentencePiece BPE with byte fallback laid out as Llama 2's."""
     from transformers import AutoTokenizer
@@ -83,7 +83,7 @@ def tiny_llama_dir(root: Path, vocab: str, smollm_dir: Path) -> Path:
         tok = llama2_style_tokenizer(root / "src")
     model = tiny_model("llama", num_hidden_layers=6, vocab_size=len(tok), hidden_size=64, intermediate_size=256,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
-                       pad_token_id=None, bos_token_id=1, eos_token_id=2)
+                       pad_token_id=None, bos_token_id=1, eos_token_id=2, **over)
     model.save_pretrained(root / "src")
     prepare_model(str(root / "src"), root / "prepared")
     return root / "prepared"
@@ -157,6 +157,25 @@ def test_llama_cpp_converter_reads_the_nemotron_nas_export(case, tiny_dirs, conv
     ref = reference_logits(pruned_dir, ids)
     got = gguf_logits(out, ids, f32_kv=True)
     assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_llama3_rope_scaling(smollm_dir, converter, tmp_path, monkeypatch):
+    """Llama 3.1/3.2's RoPE (frequencies scaled by wavelength) travels as llama.cpp's rope_freqs."""
+    from transformers import AutoTokenizer
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    prepared = tiny_llama_dir(tmp_path / "m", "bpe", smollm_dir, rope_parameters=rope)
+    pruned_dir = pruned(prepared, tmp_path, CASES["mlp_kept_attn"])
+    out = tmp_path / "model.gguf"
+    export_gguf(pruned_dir, out, "f32", converter=converter)
+    ids = AutoTokenizer.from_pretrained(pruned_dir)(TEXT)["input_ids"]
+    ref = reference_logits(pruned_dir, ids)
+    assert np.abs(gguf_logits(out, ids, f32_kv=True) - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    # the same weights without the scaling compute something else: the factors are not a no-op here
+    monkeypatch.setattr(llamacpp, "rope_factors", lambda d: None)
+    export_gguf(pruned_dir, tmp_path / "plain.gguf", "f32", converter=converter)
+    assert np.abs(gguf_logits(tmp_path / "plain.gguf", ids, f32_kv=True) - ref).max() > 1e-3
 
 
 def test_tokenizers_agree(tiny_dirs, converter, tmp_path):
@@ -277,3 +296,26 @@ def test_other_architectures_refused_before_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Llama-family" in err and "'qwen3'" in err
     assert not (tmp_path / "q.gguf").exists()
+
+
+def test_speed_gguf_times_both_files_and_reads_llama_cpps_kv_cache(tiny_dirs, converter, tmp_path):
+    """speed-gguf: both files timed in one run; the KV cache llama.cpp reports with flash attention
+    equals f16 K and V rows for the remaining attention blocks only (counted from the config)."""
+    import json
+
+    pruned_dir = pruned(tiny_dirs["spm"], tmp_path, CASES["attn_only"])
+    export_gguf(tiny_dirs["spm"], tmp_path / "dense.gguf", "f32", converter=converter)
+    export_gguf(pruned_dir, tmp_path / "pruned.gguf", "f32", converter=converter)
+    assert main(["speed-gguf", "--model", str(tmp_path / "pruned.gguf"), "--baseline", str(tmp_path / "dense.gguf"),
+                 "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "2", "--warmup", "0",
+                 "--out", str(tmp_path / "speed.json")]) in (0, None)
+    r = json.loads((tmp_path / "speed.json").read_text())
+    cfg = json.loads((pruned_dir / "config.json").read_text())
+    kv_row = 2 * cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"])  # f16 bytes
+    attention = sum(k["attn"] for k in cfg["pruned_layers"])
+    assert r["model"]["kv_bytes_per_token_flash"] == 2 * kv_row * attention == 2 * kv_row * 4
+    assert r["baseline"]["kv_bytes_per_token_flash"] == 2 * kv_row * 6
+    assert r["kv_cache_reduction_flash"] == pytest.approx(2 / 6)
+    for role in ("model", "baseline"):
+        assert len(r[role]["gen_s"]) == 2 and r[role]["gen_tokens_per_s"] == pytest.approx(4 / np.median(r[role]["gen_s"]))
+    assert r["gen_speedup"] == pytest.approx(r["model"]["gen_tokens_per_s"] / r["baseline"]["gen_tokens_per_s"])

@@ -43,8 +43,8 @@ def tiny_study(tmp: Path) -> tuple[Path, str]:
     from .test_evaluate import LINES
 
     model_dir = tmp / "tiny-llama"
-    tok = llama2_style_tokenizer(model_dir)  # a vocabulary llama.cpp's converter reads, for export-gguf
-    tiny_model("llama", num_hidden_layers=3, vocab_size=len(tok), intermediate_size=256).save_pretrained(model_dir)
+    tok = llama2_style_tokenizer(model_dir, vocab_size=400)  # a vocabulary llama.cpp's converter reads (export-gguf)
+    tiny_model("llama", num_hidden_layers=3, vocab_size=len(tok)).save_pretrained(model_dir)
     rng = random.Random(0)
     calib = tmp / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": " ".join(rng.choices(LINES, k=3))}) + "\n" for _ in range(8)))
@@ -127,7 +127,7 @@ def test_code_rerun_triggers_cover_what_each_command_reads(tmp_path):
     assert set(commands_of) == {"prepare_model", "sample_calibration", "search_step", "search_shard", "gather_step",
                                 "tabulate_search", "materialize_model", "compress_model", "compensate_model",
                                 "eval_perplexity", "eval_tasks", "measure_speed", "summarize", "analyze_study",
-                                "analyze_bi", "benchmark_search"}, sorted(commands_of)
+                                "analyze_bi", "benchmark_search", "export_gguf", "measure_speed_gguf"}, sorted(commands_of)
     table = traced_table(trace)
     assert set(table) == {c for cs in commands_of.values() for c in cs}, "a rule's command left no trace"
     if update:

@@ -272,7 +272,8 @@ def carry_tokenizer_files(src: Source | Path, out: Path) -> None:
         elif src.kind == "hub":
             from transformers.utils.hub import cached_file
 
-            path = cached_file(src.location, name, _raise_exceptions_for_missing_entries=False)
+            path = cached_file(src.location, name, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
         else:
             path = Path(src.location) / name
         if path is not None and Path(path).is_file() and not (out / name).exists():

@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..export.llamacpp import llama_cpp_module
 
 FORMAT = "blockpruner.speed_gguf/1"
+KV_CELLS = 4096  # llama.cpp logs the cache in MiB with two decimals: enough cells for bytes per token to be exact
 KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers")
 
 
@@ -64,7 +65,7 @@ def measure_one(path: str | Path, ids: list[int], new_tokens: int, repeats: int,
            "prompt_tokens_per_s": len(ids) / p, "gen_tokens_per_s": new_tokens / g,
            "prompt_s": prompt_s, "gen_s": gen_s}
     for fa in (False, True):
-        r = kv_cache_report(path, 256, fa)
+        r = kv_cache_report(path, KV_CELLS, fa)
         out[f"kv_bytes_per_token{'_flash' if fa else ''}"] = r["kv_bytes_per_token"]
     return out
 

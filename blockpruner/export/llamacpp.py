@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..adapters import adapter_for
+from ..data.sources import CACHE
 from ..errors import UserError
 from ..gguf_vocab import VOCAB_FILE, add_fields, tokenizer_fields
 from .decilm import DeciLayer, pack_layers
@@ -51,10 +52,6 @@ CONVERTER_FIX = (f"pass --converter PATH/TO/llama.cpp/convert_hf_to_gguf.py (or 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "merges.txt", "vocab.json",
                    "generation_config.json")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BLOCKPRUNER_CACHE", Path.home() / ".cache" / "blockpruner"))
 
 
 # -- which files llama.cpp can run --------------------------------------------------------------
@@ -99,14 +96,14 @@ def rope_factors(d: dict) -> np.ndarray | None:
 def find_converter(path: str | Path | None = None) -> Path:
     """llama.cpp's convert_hf_to_gguf.py: the given path, $BLOCKPRUNER_LLAMA_CPP_CONVERTER, or the cache's copy."""
     candidates = [path] if path else [os.environ.get(CONVERTER_ENV)] if os.environ.get(CONVERTER_ENV) else \
-        sorted(cache_dir().glob("llama-cpp-python-*/llama.cpp/convert_hf_to_gguf.py"), reverse=True)
+        sorted(CACHE.glob("llama-cpp-python-*/llama.cpp/convert_hf_to_gguf.py"), reverse=True)
     for c in candidates:
         c = Path(c).expanduser()
         if c.is_dir():
             c = c / "convert_hf_to_gguf.py"
         if c.is_file():
             return c
-    where = str(path or os.environ.get(CONVERTER_ENV) or cache_dir() / "llama-cpp-python-*/llama.cpp/convert_hf_to_gguf.py")
+    where = str(path or os.environ.get(CONVERTER_ENV) or CACHE / "llama-cpp-python-*/llama.cpp/convert_hf_to_gguf.py")
     raise UserError(f"llama.cpp's converter not found at {where}; {CONVERTER_FIX}")
 
 
@@ -115,6 +112,9 @@ def exported_config(model_dir: Path) -> dict:
     (so the dense baseline goes through the same writer and the same llama.cpp graph)."""
     f = Path(model_dir) / "config.json"
     d = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    if "slicegpt" in d:
+        raise UserError(f"{model_dir} is SliceGPT-sliced (rotated, narrower layers with shortcut matrices), which "
+                        "llama.cpp's graphs cannot express; export a block-pruned or LaCo directory")
     if "pruning" in d or "pruned_layers" in d or not (Path(model_dir) / "manifest.json").is_file():
         return read_pruned_config(model_dir)
     n = d["num_hidden_layers"]

@@ -361,21 +361,27 @@ def _removed_table(card: ModelCard) -> list[str]:
     return out + [""]
 
 
+def _auto_classes(remote_code: bool) -> list[str]:
+    """A code block loading DIR with transformers' Auto classes."""
+    trust = ", trust_remote_code=True" if remote_code else ""
+    return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f"model = AutoModelForCausalLM.from_pretrained(DIR{trust})", "tokenizer = AutoTokenizer.from_pretrained(DIR)",
+            "```"]
+
+
 def _loading(layout: str) -> list[str]:
     out = ["## How to load", ""]
     if layout == "blockpruner":
         out += ["The directory carries its own modeling code (`modeling_blockpruner.py`, named in config.json's "
-                "`auto_map`) for the pruned shapes:", "", "```python",
-                "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)",
-                "tokenizer = AutoTokenizer.from_pretrained(DIR)", "```", "",
+                "`auto_map`) for the pruned shapes:", "", *_auto_classes(True), "",
                 "Without `trust_remote_code=True` transformers would build the unpruned base architecture, so "
                 "always pass it. With the `blockpruner` package installed, no code from the directory runs:", "",
                 "```python", "import blockpruner", "model = blockpruner.load_pruned(DIR)  # the model only; the "
                 "tokenizer as above", "```", "",
                 "`DIR` is this directory (for a Hub copy, its id with `from_pretrained`; `load_pruned` reads a local "
                 "directory, e.g. from `huggingface_hub.snapshot_download`). Generate with the KV cache as usual: only "
-                "the remaining attention blocks have cache entries."]
+                "the remaining attention blocks have cache entries. For llama.cpp (Llama-family models): "
+                "`blockpruner export-gguf DIR OUT.gguf --outtype q8_0`."]
     elif layout == "nemotron-nas":
         out += ["Nemotron-NAS layout (`DeciLMForCausalLM`): each layer is an optional attention block and an optional "
                 "FFN (`block_configs`, `no_op`), the kept blocks packed in forward order. Zero-weight placeholders "
@@ -390,17 +396,12 @@ def _loading(layout: str) -> list[str]:
                 "The pruned directory this was written from loads with `blockpruner.load_pruned`."]
     elif layout == "slicegpt":
         out += ["The directory carries its own modeling code (`modeling_slicegpt.py`, named in config.json's "
-                "`auto_map`) for the sliced shapes:", "", "```python",
-                "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)",
-                "tokenizer = AutoTokenizer.from_pretrained(DIR)", "```", "",
+                "`auto_map`) for the sliced shapes:", "", *_auto_classes(True), "",
                 "With the `blockpruner` package installed, no code from the directory runs:", "", "```python",
                 "from blockpruner.compress.slicegpt import load_sliced", "model = load_sliced(DIR)", "```"]
     else:  # laco: a standard checkpoint with fewer layers
-        out += ["A standard checkpoint of the base architecture with fewer layers; no extra code:", "", "```python",
-                "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                "model = AutoModelForCausalLM.from_pretrained(DIR)", "tokenizer = AutoTokenizer.from_pretrained(DIR)",
-                "```"]
+        out += ["A standard checkpoint of the base architecture with fewer layers; no extra code:", "",
+                *_auto_classes(False)]
     return out + [""]
 
 
