@@ -484,9 +484,10 @@ def export_gguf_args(p: argparse.ArgumentParser) -> None:
 
 @command("export-gguf", export_gguf_args, help="write a pruned Llama-family model as a GGUF file llama.cpp runs exactly",
          description="Write llama.cpp's deci architecture: kept blocks packed into (attention, MLP) layers, zero-weight "
-                     "placeholders where llama.cpp's graph needs them, the vocabulary from llama.cpp's converter, and "
-                     "quantisation by llama.cpp's quantiser. Other architectures are refused. With --check-tokens N the "
-                     "f32 file is run in llama.cpp and its logits compared with the directory's before quantising.")
+                     "placeholders where llama.cpp's graph needs them, the vocabulary as llama.cpp wrote it (the source "
+                     ".gguf's, else its converter's), and quantisation by llama.cpp's quantiser. Other architectures are "
+                     "refused. With --check-tokens N the f32 file is run in llama.cpp and its logits compared with the "
+                     "directory's before quantising (both models in memory: use 0 for models larger than RAM allows).")
 def cmd_export_gguf(a: argparse.Namespace) -> None:
     from .export.llamacpp import export_gguf
 
@@ -498,6 +499,30 @@ def cmd_export_gguf(a: argparse.Namespace) -> None:
         c = m["check"]
         log.info("llama.cpp check (f32 file, f32 KV cache, %d tokens): max |logit difference| %.3g, argmax agrees on "
                  "%d/%d positions", c["tokens"], c["max_abs_diff"], c["argmax_agree"], c["tokens"])
+
+
+def model_card_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="pruned directory (from materialize or compensate) whose manifest holds the card's facts")
+    p.add_argument("--out", default=None, help="README.md to write (default: the directory's own)")
+    p.add_argument("--layout", default="blockpruner", help="blockpruner (the directory), nemotron-nas, or gguf "
+                                                          "(a folder of export-gguf files); default: blockpruner")
+    p.add_argument("--eval", nargs="*", default=[], help="this model's eval-ppl / eval-tasks results")
+    p.add_argument("--dense", nargs="*", default=[], help="the dense model's, shown beside them")
+
+
+@command("model-card", model_card_args, help="write a pruned model's card (README.md) again, with the study's figures",
+         description="Write the Hugging Face model card of a materialised (or compensated) directory from its "
+                     "manifest: removed blocks, ratio, method and calibration, how to load it, and with --eval / "
+                     "--dense the study's evaluation figures.")
+def cmd_model_card(a: argparse.Namespace) -> None:
+    from .artifacts import atomic_write_text
+    from .export.model_card import card_from_dir, evaluation_from_files, model_card_text
+
+    card = card_from_dir(a.model)
+    evaluation = evaluation_from_files(a.eval, a.dense) if a.eval or a.dense else None
+    out = Path(a.out) if a.out else Path(a.model) / "README.md"
+    atomic_write_text(out, model_card_text(card, layout=a.layout, evaluation=evaluation))
+    log.info("model card (%s layout%s) -> %s", a.layout, ", with evaluation figures" if evaluation else "", out)
 
 
 # ---------------------------------------------------------------- stage 4: evaluation

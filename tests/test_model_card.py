@@ -219,3 +219,22 @@ def test_compensated_and_compressed_directories_have_cards(tmp_path):
         assert meta["tags"] == ["pruned", "blockpruner", name] and "Licence: see the base model" in body
         assert f"| Parameters | {before:,} → {after:,} |" in body
         assert f"| Pruning ratio | {100 * (before - after) / before:.2f}% of all parameters removed" in body
+
+
+def test_cli_model_card_beside_gguf_files_with_the_study_figures(pruned_pair, tmp_path):
+    """`blockpruner model-card DIR --layout gguf --out F --eval ... --dense ...` (the workflow's
+    write_model_card): the GGUF card, with the figures of the eval artifacts it is given."""
+    from blockpruner.artifacts import write_json
+    from blockpruner.cli import main
+
+    root, _, _, _ = pruned_pair
+    write_json(tmp_path / "ppl.json", {"ppl": 91.25, "seqlen": 128}, "blockpruner.eval_ppl/1")
+    write_json(tmp_path / "dense.json", {"ppl": 45.13, "seqlen": 128}, "blockpruner.eval_ppl/1")
+    out = tmp_path / "gguf" / "README.md"
+    assert main(["model-card", str(root / "step"), "--layout", "gguf", "--out", str(out),
+                 "--eval", str(tmp_path / "ppl.json"), "--dense", str(tmp_path / "dense.json")]) == 0
+    meta, body = card_parts(out.parent)
+    assert meta["library_name"] == "gguf" and {"gguf", "llama.cpp", "pruned"} <= set(meta["tags"])
+    assert "| WikiText-2 perplexity (128-token windows) | 91.25 | 45.13 |" in body
+    assert "llama-cli -m model-q8_0.gguf" in body and listed_blocks(body) == PATTERN
+    assert (root / "step" / "README.md").read_text() != out.read_text()  # the directory's own card is left as it was

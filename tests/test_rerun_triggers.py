@@ -127,7 +127,8 @@ def test_code_rerun_triggers_cover_what_each_command_reads(tmp_path):
     assert set(commands_of) == {"prepare_model", "sample_calibration", "search_step", "search_shard", "gather_step",
                                 "tabulate_search", "materialize_model", "compress_model", "compensate_model",
                                 "eval_perplexity", "eval_tasks", "measure_speed", "summarize", "analyze_study",
-                                "analyze_bi", "benchmark_search", "export_gguf", "measure_speed_gguf"}, sorted(commands_of)
+                                "analyze_bi", "benchmark_search", "export_gguf", "measure_speed_gguf",
+                                "write_model_card"}, sorted(commands_of)
     table = traced_table(trace)
     assert set(table) == {c for cs in commands_of.values() for c in cs}, "a rule's command left no trace"
     if update:

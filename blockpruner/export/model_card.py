@@ -27,8 +27,9 @@ import yaml
 from ..errors import UserError
 
 CARD_FILE = "README.md"
-LAYOUTS = ("blockpruner", "nemotron-nas", "slicegpt", "laco")
-LAYOUT_TAGS = {"blockpruner": (), "nemotron-nas": ("nemotron-nas",), "slicegpt": ("slicegpt",), "laco": ("laco",)}
+LAYOUTS = ("blockpruner", "nemotron-nas", "slicegpt", "laco", "gguf")
+LAYOUT_TAGS = {"blockpruner": (), "nemotron-nas": ("nemotron-nas",), "slicegpt": ("slicegpt",), "laco": ("laco",),
+               "gguf": ("gguf", "llama.cpp")}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _LICENSE_KEYS = ("license", "license_name", "license_link")
 
@@ -224,7 +225,8 @@ def _header(card: ModelCard, layout: str, tags: Sequence[str]) -> str:
         meta["base_model"] = card.base_model
     if card.license:
         meta |= {k: card.license[k] for k in _LICENSE_KEYS if k in card.license}
-    meta |= {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": _tags(card, layout, tags)}
+    meta |= {"library_name": "gguf" if layout == "gguf" else "transformers", "pipeline_tag": "text-generation",
+             "tags": _tags(card, layout, tags)}
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False) + "---\n"
 
 
@@ -394,6 +396,16 @@ def _loading(layout: str) -> list[str]:
                 "- transformers: NVIDIA's DeciLM code, named in config.json's `auto_map` only when exported with "
                 "`--nemotron-nas-auto-map` (`from_pretrained(DIR, trust_remote_code=True)`); not run by blockpruner. "
                 "The pruned directory this was written from loads with `blockpruner.load_pruned`."]
+    elif layout == "gguf":
+        out += ["GGUF files for llama.cpp (`model-<type>.gguf`: f32, or f16 / bf16 / q8_0 / q4_k_m made by llama.cpp's own "
+                "quantiser), written by `blockpruner export-gguf` in llama.cpp's `deci` architecture: the kept blocks "
+                "packed into (attention, MLP) layers, with zero-weight placeholders where llama.cpp's graph needs a "
+                "block (they add exactly zero). Each f32 file was run in llama.cpp and its logits compared with the "
+                "pruned model's before it was quantised.", "", "```bash",
+                "llama-cli -m model-q8_0.gguf -p \"Once upon a time\"      # llama.cpp",
+                "echo 'FROM ./model-q8_0.gguf' > Modelfile && ollama create pruned -f Modelfile   # ollama",
+                "```", "", "```python", "from llama_cpp import Llama  # llama-cpp-python",
+                "llm = Llama(model_path=\"model-q8_0.gguf\")", "```"]
     elif layout == "slicegpt":
         out += ["The directory carries its own modeling code (`modeling_slicegpt.py`, named in config.json's "
                 "`auto_map`) for the sliced shapes:", "", *_auto_classes(True), "",
@@ -430,6 +442,8 @@ def model_card_text(card: ModelCard | Mapping, *, layout: str | None = None, tag
         lead = f"This is {_base_text(card)} compressed by {_method_label(card)} without retraining."
     if layout == "nemotron-nas":
         title += ", Nemotron-NAS layout"
+    elif layout == "gguf":
+        title += ", GGUF for llama.cpp"
     body = [f"# {title}", "", lead + " It was written by the `blockpruner` package (a BlockPruner implementation); "
             "its config.json and manifest.json record the same facts as this card.", "", *_overview(card), ""]
     if card.source_of_removals is not None:

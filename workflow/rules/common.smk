@@ -195,12 +195,15 @@ def gguf_variants(model):
 
 
 def gguf_outputs():
-    """Every GGUF file export.gguf asks for, and with export.speed each pruned file's llama.cpp timing."""
+    """Every GGUF file export.gguf asks for, with export.speed each pruned file's llama.cpp timing, and
+    each pruned variant's model card beside its files."""
     models = config["export"]["models"] or MODELS
     files = [f"results/gguf/{m}/{v}/model-{t}.gguf" for m in models for v in gguf_variants(m) for t in config["export"]["gguf"]]
     speed = [f"results/eval/{m}/{v}/speed-gguf-{t}.json" for m in models for v in gguf_variants(m) if v != "dense"
              for t in config["export"]["gguf"]] if config["export"]["speed"] else []
-    return files + speed
+    cards = [f"results/gguf/{m}/{v}/README.md" for m in models for v in gguf_variants(m) if v != "dense"] \
+        if config["export"]["gguf"] else []
+    return files + speed + cards
 
 
 def search_outputs():

@@ -1,5 +1,6 @@
 # Stage 5b: GGUF files for llama.cpp (export.gguf) of the dense model and every block-removal
-# variant, and their speed in llama.cpp, the pruned file against the dense one in one job.
+# variant, their speed in llama.cpp (the pruned file against the dense one in one job), and a
+# model card beside each variant's files with the study's evaluation figures.
 
 
 rule export_gguf:
@@ -57,3 +58,29 @@ rule measure_speed_gguf:
         "python -m blockpruner.cli speed-gguf --model {input.model:q} --baseline {input.baseline:q}"
         " --prompt-tokens {params.prompt_tokens} --new-tokens {params.new_tokens} --repeats {params.repeats}"
         " --warmup {params.warmup} --threads {threads} --out {output.json:q} > {log} 2>&1"
+
+
+rule write_model_card:
+    input:
+        model=model_manifest,
+        evals=variant_evals,
+        dense=dense_evals,
+    output:
+        card="results/gguf/{model}/{variant}/README.md",
+    params:
+        model_dir=dirname_of("model"),
+        code=code_hash("model-card"),
+    message:
+        "Model card of the GGUF files of {wildcards.model} / {wildcards.variant}, with the study's figures"
+    log:
+        "logs/write_model_card/{model}/{variant}.log",
+    benchmark:
+        "logs/timing/write_model_card/{model}/{variant}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_resources("write_model_card")["threads"]
+    resources:
+        **job_resources("write_model_card", gpu=False),
+    shell:
+        "python -m blockpruner.cli model-card {params.model_dir:q} --layout gguf --out {output.card:q}"
+        " --eval {input.evals:q} --dense {input.dense:q} > {log} 2>&1"

@@ -134,6 +134,18 @@ def tasks_local_data():
     return f"--local-data {shlex.quote(data_path(d))}" if d else ""
 
 
+def variant_evals(wildcards):
+    """The variant's perplexity and task results, where the study evaluates them (for its model card)."""
+    return [f"results/eval/{wildcards.model}/{wildcards.variant}/{kind}.json" for kind in EVAL_KINDS if kind != "speed"]
+
+
+def dense_evals(wildcards):
+    """The dense model's perplexity and task results, where the study evaluates the dense model."""
+    if not config["evaluate"]["dense"]:
+        return []
+    return [f"results/eval/{wildcards.model}/dense/{kind}.json" for kind in EVAL_KINDS if kind != "speed"]
+
+
 def dense_model(wildcards):
     """The dense model as a baseline for a pruned variant's speed-up (none for dense itself)."""
     return [] if wildcards.variant == "dense" else [f"results/models/{wildcards.model}/manifest.json"]
