@@ -1,19 +1,22 @@
 """Writing and reading artifacts so that a killed job or an edited file is never trusted.
 
 Every file is written to a temporary name in the same directory, fsynced and renamed, so a
-reader sees either the old file or the whole new one. JSON artifacts carry a `checksum`
+reader sees either the old file or the whole new one; a model directory is written the same
+way (`atomic_dir`). JSON artifacts carry a `checksum`
 (sha256 of their canonical content without that field) and a `format` tag; `read_json`
 verifies both and refuses, naming the file, anything truncated, edited or of another kind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import UserError
@@ -47,6 +50,29 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Write a directory atomically: yields a fresh directory beside `path` (same file system);
+    when the block ends it replaces `path` (an older one is gone only between two renames), and
+    on any error it is removed, leaving `path` as it was."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should read like any directory
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -11,16 +11,14 @@ the model card (README.md) says the same in words.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 from ..adapters import adapter_for
-from ..artifacts import read_json
+from ..artifacts import atomic_dir, read_json
 from ..blocks import PrunableModel
 from ..errors import UserError
-from ..export.materialize import (WEIGHTS_FILE, _replace_dir, _temp_dir_beside, load_pruned, materialize, plan_layers,
-                                  pruned_tensors)
+from ..export.materialize import WEIGHTS_FILE, load_pruned, materialize, plan_layers, pruned_tensors
 from ..export.model_card import calibration_facts, card_from_dir, write_model_card
 from .fit import check_method, fit
 from .fold import check_foldable, fold
@@ -53,9 +51,7 @@ def compensate(model_dir: str | Path, step_json: str | Path, calib_dir: str | Pa
     calib = load_calibration(calib_dir)
     windows = calib.windows[:max_windows] if max_windows else calib.windows
     out = Path(out_dir)
-    tmp = _temp_dir_beside(out)
-    try:
-        staged = tmp / "model"
+    with atomic_dir(out) as staged:
         materialize(model_dir, step_json, staged, method=pruning_method)
         pruned_manifest = read_json(staged / "manifest.json")
         pruning = pruned_manifest["pruning"]
@@ -97,7 +93,4 @@ def compensate(model_dir: str | Path, step_json: str | Path, calib_dir: str | Pa
                        extra={"pruning": pruning, "compensation": record, "model_card": card.record()},
                        trust_remote_code=pruned_manifest.get("trust_remote_code", False))
         del pruned
-        _replace_dir(staged, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"k": pruning["k"], "removed": removed, **record}

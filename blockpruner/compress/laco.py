@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -249,7 +248,8 @@ def compress(model_dir: Path, calib_dir: Path, out_dir: Path, *, ratio: float, s
 
     from ..data.calibration import load_calibration
     from ..data.sources import load_prepared, read_manifest, resolve_device, write_manifest
-    from ..export.materialize import WEIGHTS_FILE, KeptLayer, _replace_dir, _temp_dir_beside, pruned_tensors
+    from ..artifacts import atomic_dir
+    from ..export.materialize import WEIGHTS_FILE, KeptLayer, pruned_tensors
     from ..export.model_card import ModelCard, calibration_facts, source_facts, write_model_card
 
     model_dir, calib_dir, out = Path(model_dir), Path(calib_dir), Path(out_dir)
@@ -307,8 +307,7 @@ def compress(model_dir: Path, calib_dir: Path, out_dir: Path, *, ratio: float, s
         "elapsed_s": time.perf_counter() - started,
     }
 
-    tmp = _temp_dir_beside(out)
-    try:
+    with atomic_dir(out) as tmp:
         # written as materialize writes (tied weights once), which also takes a GGUF-sourced model
         # whose config still names its quantizer (save_pretrained refuses those)
         tensors, _ = pruned_tensors(model, adapter, [KeptLayer(i, True, True) for i in range(len(kept))])
@@ -329,10 +328,6 @@ def compress(model_dir: Path, calib_dir: Path, out_dir: Path, *, ratio: float, s
                      f"Target: {100 * ratio:.2f}% of all parameters; reached {100 * record['ratio']:.2f}%"
                      + ("." if record["target_reached"] else " (no further merge passed the threshold).")]))
         written = write_manifest(tmp, model, source=str(model_dir), dtype=manifest["dtype"], extra=record)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("LaCo: %d -> %d layers (%d merges of %d trials), %.2f%% of parameters removed (target %.2f%%) -> %s",
              manifest["num_layers"], len(kept), len(record["merges"]), len(trials), 100 * record["ratio"], 100 * ratio, out)
     return written

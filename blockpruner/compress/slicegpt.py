@@ -37,7 +37,6 @@ embedding scale is a scalar, which commutes with any rotation.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -416,7 +415,7 @@ def compress(model_dir: Path, calib_dir: Path, out_dir: Path, *, ratio: float, s
 
     from ..data.calibration import load_calibration
     from ..data.sources import load_prepared, read_manifest, write_manifest
-    from ..export.materialize import _replace_dir, _temp_dir_beside
+    from ..artifacts import atomic_dir
     from ..export.model_card import ModelCard, calibration_facts, source_facts, write_model_card
 
     s = resolve_settings(settings)
@@ -457,8 +456,7 @@ def compress(model_dir: Path, calib_dir: Path, out_dir: Path, *, ratio: float, s
         "calibration_tokens": int(sum(len(w) for w in windows)),
         "settings": s,
     }
-    tmp = _temp_dir_beside(out)
-    try:
+    with atomic_dir(out) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in sliced.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         sliced.config.save_pretrained(tmp)
@@ -480,8 +478,4 @@ def compress(model_dir: Path, calib_dir: Path, out_dir: Path, *, ratio: float, s
                      f"Target: {100 * ratio:.2f}% of all parameters; reached {100 * record['ratio']:.2f}%."]))
         # its own modeling file is what loads it (config.json's auto_map), hence trust_remote_code
         written = write_manifest(tmp, sliced, source=str(model_dir), dtype="fp32", extra=record, trust_remote_code=True)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return written

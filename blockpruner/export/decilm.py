@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from ..adapters import adapter_for
+from ..artifacts import atomic_dir
 from ..errors import UserError
-from .materialize import MODELING_FILE, WEIGHTS_FILE, _replace_dir, _temp_dir_beside, read_pruned_config
+from .materialize import MODELING_FILE, WEIGHTS_FILE, read_pruned_config
 
 # -- Nemotron-NAS (DeciLM) serving layout ----------------------------------------------------------
 # Reference for every key below: the config.json of nvidia/Llama-3_3-Nemotron-Super-49B-v1
@@ -199,16 +200,11 @@ def to_decilm(pruned_dir: str | Path, out_dir: str | Path, auto_map: bool = Fals
     layers = pack_layers(d["pruned_layers"])
     config = decilm_config(d, layers, auto_map)
     tensors = decilm_tensors(load_file(str(pruned_dir / WEIGHTS_FILE)), d, layers)
-    tmp = _temp_dir_beside(out)
-    try:
+    with atomic_dir(out) as tmp:
         for f in pruned_dir.iterdir():
             if f.is_file() and f.name not in ("config.json", "manifest.json", "README.md", MODELING_FILE, WEIGHTS_FILE):
                 shutil.copy2(f, tmp / f.name)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         write_model_card(tmp, card_from_dir(pruned_dir), layout="nemotron-nas")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return config

@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..adapters import Adapter, adapter_for
+from ..artifacts import atomic_dir
 from ..blocks import KINDS, parse_block
 from ..errors import UserError
 from . import pruned_modeling
@@ -196,27 +194,6 @@ def modeling_source(config_cls: type, model_cls: type) -> str:
                                  "blockpruner.export")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished directory onto `out`, replacing an older one (gone only between two renames)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-
-
-def _temp_dir_beside(out: Path) -> Path:
-    """A fresh directory next to `out` (same file system, so the final rename is atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should read like any directory
-    return tmp
-
-
 def materialize(model_dir: str | Path, step_json: str | Path | None, out_dir: str | Path, method: str | None = None,
                 *, removed: str | list[str] | None = None, evaluation: dict | None = None) -> dict:
     """Write the pruned model of a step artifact, or of an explicit block list (`removed`, with
@@ -271,8 +248,7 @@ def materialize(model_dir: str | Path, step_json: str | Path | None, out_dir: st
     }
     config = pruned_config(model, adapter, plan, pruning)
     tensors, dropped = pruned_tensors(model, adapter, plan)
-    tmp = _temp_dir_beside(out)
-    try:
+    with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         (tmp / MODELING_FILE).write_text(modeling_source(*base_classes(model)), encoding="utf-8")
@@ -297,10 +273,6 @@ def materialize(model_dir: str | Path, step_json: str | Path | None, out_dir: st
         write_manifest(tmp, pruned, source=str(model_dir), dtype=manifest["dtype"],
                        extra={"pruning": {**pruning, "summary": summary}, "model_card": card.record()},
                        trust_remote_code=manifest.get("trust_remote_code", False))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 

@@ -161,6 +161,33 @@ def test_atomic_write_keeps_old_file_when_writer_dies(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left behind
 
 
+def test_prepare_model_that_dies_leaves_the_previous_directory_whole(tmp_path, monkeypatch):
+    """prepare-model writes through atomic_dir: a failure while writing leaves the old directory
+    (files and manifest) exactly as it was, and no half-written directory or temp folder."""
+    import transformers
+
+    from blockpruner.data import sources
+
+    from ..test_evaluate import tiny_tokenizer
+
+    tiny_model("llama", num_hidden_layers=2).save_pretrained(tmp_path / "src")
+    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    out = tmp_path / "prepared"
+    sources.prepare_model(str(tmp_path / "src"), out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt
+
+    tiny_model("llama", seed=1, num_hidden_layers=2).save_pretrained(tmp_path / "src2")  # other weights
+    tiny_tokenizer().save_pretrained(tmp_path / "src2")
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", dies)  # after the weights
+    with pytest.raises(KeyboardInterrupt):
+        sources.prepare_model(str(tmp_path / "src2"), out)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "src", "src2"]
+
+
 # -- corruption and staleness ------------------------------------------------------------------
 def test_corrupt_or_edited_step_is_detected(study, capsys, monkeypatch):
     t = study
