@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .compress import ALGORITHMS as COMPRESSORS
 from .errors import UserError
+from .search import HEAD_BOUND_COLUMNS
 
 log = logging.getLogger("blockpruner")
 
@@ -172,7 +174,8 @@ def step_args(p: argparse.ArgumentParser) -> None:
                         "the total of the previous step's best-ranked candidate; exact, same chosen block)")
     p.add_argument("--head-bound-columns", type=int, default=None, metavar="N",
                    help="with early stopping, first cut candidates that cannot win by a certified lower bound on their "
-                        "NLL from N LM-head columns per window (exact, same chosen block; default 4096, 0 = off)")
+                        f"NLL from N LM-head columns per window (exact, same chosen block; default {HEAD_BOUND_COLUMNS}, "
+                        "0 = off)")
     p.add_argument("--compensation", default="none", metavar="{none,scale}",
                    help="compensation-aware step (opt-in, slower: no prefix reuse or early stopping): score each "
                         "candidate with the per-channel scale correction of the whole removed set applied, as "
@@ -389,9 +392,6 @@ def cmd_materialize(a: argparse.Namespace) -> None:
     if a.nemotron_nas:
         to_decilm(a.out, a.nemotron_nas, auto_map=a.nemotron_nas_auto_map)
         log.info("Nemotron-NAS (DeciLM) layout -> %s", a.nemotron_nas)
-
-
-COMPRESSORS = ("slicegpt", "laco")
 
 
 def compress_args(p: argparse.ArgumentParser) -> None:
@@ -819,8 +819,8 @@ def benchmark_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=4, help="greedy steps (default 4)")
     p.add_argument("--methods", default="plain,exact,bounded,screened",
                    help="comma-separated from plain, prefix, exact, bounded, screened (default plain,exact,bounded,screened)")
-    p.add_argument("--head-bound-columns", type=int, default=4096, metavar="N",
-                   help="LM-head columns per window of the bounded method's head bound (default 4096)")
+    p.add_argument("--head-bound-columns", type=int, default=HEAD_BOUND_COLUMNS, metavar="N",
+                   help=f"LM-head columns per window of the bounded method's head bound (default {HEAD_BOUND_COLUMNS})")
     p.add_argument("--screen-windows", type=int, default=2, help="screened mode S (default 2)")
     p.add_argument("--confirm-top", type=int, default=4, help="screened mode M (default 4)")
     p.add_argument("--candidates-by-bi", type=int, default=None, help="screened mode R (default: off)")

@@ -43,7 +43,8 @@ from ..blocks import PrunableModel
 from ..errors import UserError
 from ..eval.speed import RssSampler
 from ..search.greedy import StepSettings, candidate_blocks, search_step
-from ..search.scoring import HEAD_BOUND_COLUMNS, Cost, head_nll
+from ..search import HEAD_BOUND_COLUMNS
+from ..search.scoring import Cost, head_nll
 
 METHODS = ("plain", "prefix", "exact", "bounded", "screened")
 EXACT_METHODS = ("prefix", "exact", "bounded")  # must choose plain greedy's sequence

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifacts import atomic_write, atomic_write_text, read_json, write_csv
+from ..compress import ALGORITHMS as COMPRESSORS
 from ..errors import UserError
 
 EVAL_KINDS = ("ppl", "tasks", "speed")
@@ -118,9 +119,6 @@ def resolve_k(pruning: str, steps: list[dict], ratio_of: str) -> int | None:
     from ..search.greedy import steps_to_ratio
 
     return steps_to_ratio(steps, float(pruning[1:]), "ratio_no_embed" if ratio_of == "no_embed" else "ratio")
-
-
-COMPRESSORS = ("slicegpt", "laco")
 
 
 def compression_record(path: Path) -> dict | None:

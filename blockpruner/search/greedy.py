@@ -16,7 +16,7 @@ the previous step (`prev`) is scored first and its total bounds the others; a ca
 whose running NLL exceeds it is recorded with status "stopped" and its partial NLL. The
 chosen block and every finished NLL are those of scoring everything (`early_stop=False`).
 With early stopping, the head bound (`head_bound_columns` N, default
-`scoring.HEAD_BOUND_COLUMNS`; 0 = off) first cuts candidates whose exact NLL so far plus a
+`search.HEAD_BOUND_COLUMNS`; 0 = off) first cuts candidates whose exact NLL so far plus a
 lower bound from N LM-head columns per window already exceeds the seed's total (status
 "bounded"): same choice and finished NLLs, much less of the LM head.
 
@@ -58,7 +58,8 @@ from ..compensate.fit import check_method
 from ..compensate.search import pair_sums, score_with_compensation
 from ..errors import UserError
 from ..numerics import Numerics
-from .scoring import HEAD_BOUND_COLUMNS, Cost, Score, layer_influence, perplexity_of, rank, score_candidates, score_exact
+from . import HEAD_BOUND_COLUMNS
+from .scoring import Cost, Score, layer_influence, perplexity_of, rank, score_candidates, score_exact
 
 FORMAT = "blockpruner.step/1"
 SHARD_FORMAT = "blockpruner.step-shard/1"

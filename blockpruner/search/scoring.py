@@ -58,6 +58,7 @@ from torch import nn
 
 from ..adapters import get_path
 from ..blocks import PrunableModel, block_index, parse_block, tie_order
+from . import HEAD_BOUND_COLUMNS
 
 # ---------------------------------------------------------------------------- FLOP model
 
@@ -353,7 +354,6 @@ def perplexity_of(nll_sum: float, tokens: int) -> float:
 
 # ---------------------------------------------------------------------------- the head bound
 
-HEAD_BOUND_COLUMNS = 4096  # default N: columns per window besides the window's targets
 BOUND_STAGE_FACTOR = 4  # the second stage's columns, as a multiple of the first's
 BOUND_CACHE_BYTES = 1 << 30  # final-normed states kept for the candidates the bound does not cut
 ROUNDING = {torch.float32: 0.0, torch.float64: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}

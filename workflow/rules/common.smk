@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -17,12 +18,14 @@ from snakemake.utils import validate
 validate(config, "../schemas/config.schema.yaml")
 
 REPO = Path(workflow.basedir).resolve()
+sys.path.insert(0, str(REPO))  # the package's constants (no torch is imported for them)
+from blockpruner.compress import ALGORITHMS as COMPRESSORS  # noqa: E402
+
 MODELS = sorted(config["models"])
 CALIBS = sorted(config["calibration"])
 METHODS = sorted(config["methods"])
-# algorithms that rewrite the model instead of searching blocks to remove: no step files, one
+# COMPRESSORS rewrite the model instead of searching blocks to remove: no step files, one
 # compress_model job per ratio target (compress.smk)
-COMPRESSORS = ("slicegpt", "laco")
 COMPRESS_METHODS = [m for m in METHODS if config["methods"][m]["algorithm"] in COMPRESSORS]
 SEARCH_METHODS = [m for m in METHODS if m not in COMPRESS_METHODS]
 KS = sorted(config["prunings"]["k"])
