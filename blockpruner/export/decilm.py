@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,27 +163,39 @@ ATTN_PARTS = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_a
 MLP_PARTS = ("post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def decilm_tensors(pruned: dict[str, torch.Tensor], d: dict, layers: list[DeciLayer]) -> dict[str, torch.Tensor]:
-    """The pruned directory's tensors renamed to the packed layers, plus the zero placeholders."""
+def packed_layer_tensors(get: Callable[[str], torch.Tensor], d: dict, layers: list[DeciLayer], zero_ffn_width: int,
+                         linear_placeholder: bool = False, dtype: torch.dtype = torch.float32
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every packed layer in order, under Llama's names: the pruned directory's
+    tensors (`get(name)`) renumbered, and the zero placeholders: an FFN of `zero_ffn_width`, and in
+    layer 0 an attention block or, with `linear_placeholder`, deci's "linear attention" (a norm and
+    one n_embd x n_embd matrix, no KV cache; llama.cpp only)."""
     hidden, heads = d["hidden_size"], d["num_attention_heads"]
     head_dim = d.get("head_dim") or hidden // heads
     kv = (d.get("num_key_value_heads") or heads) * head_dim
-    dtype = pruned["model.embed_tokens.weight"].dtype
-    zero_attn = {"input_layernorm": torch.ones(hidden), "self_attn.q_proj": torch.zeros(heads * head_dim, hidden),
-                 "self_attn.k_proj": torch.zeros(kv, hidden), "self_attn.v_proj": torch.zeros(kv, hidden),
-                 "self_attn.o_proj": torch.zeros(hidden, heads * head_dim)}
-    zero_ffn = {"post_attention_layernorm": torch.ones(hidden), "mlp.gate_proj": torch.zeros(PLACEHOLDER_FFN, hidden),
-                "mlp.up_proj": torch.zeros(PLACEHOLDER_FFN, hidden), "mlp.down_proj": torch.zeros(hidden, PLACEHOLDER_FFN)}
-    out = {k: v for k, v in pruned.items() if not k.startswith("model.layers.")}
+    zero_attn = ({"input_layernorm": torch.ones(hidden), "self_attn.o_proj": torch.zeros(hidden, hidden)}
+                 if linear_placeholder else
+                 {"input_layernorm": torch.ones(hidden), "self_attn.q_proj": torch.zeros(heads * head_dim, hidden),
+                  "self_attn.k_proj": torch.zeros(kv, hidden), "self_attn.v_proj": torch.zeros(kv, hidden),
+                  "self_attn.o_proj": torch.zeros(hidden, heads * head_dim)})
+    zero_ffn = {"post_attention_layernorm": torch.ones(hidden), "mlp.gate_proj": torch.zeros(zero_ffn_width, hidden),
+                "mlp.up_proj": torch.zeros(zero_ffn_width, hidden), "mlp.down_proj": torch.zeros(hidden, zero_ffn_width)}
     for i, l in enumerate(layers):
-        for parts, src, zeros in ((ATTN_PARTS, l.attn, zero_attn if l.placeholder_attn else None),
-                                  (MLP_PARTS, l.mlp, zero_ffn if l.placeholder_ffn else None)):
-            for part in parts:
-                if src is not None:
-                    out[f"model.layers.{i}.{part}.weight"] = pruned[f"model.layers.{src}.{part}.weight"]
-                elif zeros is not None:
-                    out[f"model.layers.{i}.{part}.weight"] = zeros[part].to(dtype)
-    return out
+        for parts, src, zeros in ((ATTN_PARTS, l.attn, zero_attn if l.placeholder_attn else {}),
+                                  (MLP_PARTS, l.mlp, zero_ffn if l.placeholder_ffn else {})):
+            if src is not None:
+                for part in parts:
+                    yield f"model.layers.{i}.{part}.weight", get(f"model.layers.{src}.{part}.weight")
+            else:
+                for part, t in zeros.items():
+                    yield f"model.layers.{i}.{part}.weight", t.to(dtype)
+
+
+def decilm_tensors(pruned: dict[str, torch.Tensor], d: dict, layers: list[DeciLayer]) -> dict[str, torch.Tensor]:
+    """The pruned directory's tensors renamed to the packed layers, plus the zero placeholders."""
+    dtype = pruned["model.embed_tokens.weight"].dtype
+    out = {k: v for k, v in pruned.items() if not k.startswith("model.layers.")}
+    return out | dict(packed_layer_tensors(pruned.__getitem__, d, layers, PLACEHOLDER_FFN, dtype=dtype))
 
 
 def to_decilm(pruned_dir: str | Path, out_dir: str | Path, auto_map: bool = False) -> dict:

@@ -41,7 +41,7 @@ from ..adapters import adapter_for
 from ..data.sources import CACHE
 from ..errors import UserError
 from ..gguf_vocab import VOCAB_FILE, add_fields, tokenizer_fields
-from .decilm import DeciLayer, pack_layers
+from .decilm import DeciLayer, pack_layers, packed_layer_tensors
 from .materialize import read_pruned_config
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
@@ -165,13 +165,11 @@ def gguf_metadata(d: dict, layers: list[DeciLayer]) -> dict:
     }
 
 
-def write_f32(pruned_dir: Path, out: Path, converter: str | Path | None, name: str | None = None) -> dict:
-    """Write the pruned directory as an f32 deci GGUF at `out`; returns the layout record."""
+def write_f32(pruned_dir: Path, d: dict, out: Path, converter: str | Path | None, name: str | None = None) -> dict:
+    """Write the directory (`d`: its exported_config) as an f32 deci GGUF at `out`; returns the layout record."""
     import gguf
     from safetensors import safe_open
 
-    d = exported_config(pruned_dir)
-    check_exportable(d)
     layers = pack_layers(d["pruned_layers"])
     hidden, heads = d["hidden_size"], d["num_attention_heads"]
     kv_heads = d.get("num_key_value_heads") or heads
@@ -221,9 +219,8 @@ def write_f32(pruned_dir: Path, out: Path, converter: str | Path | None, name: s
                 raise UserError(f"{pruned_dir}: weight {key} missing; materialise the model again")
             return where[key].get_tensor(key).float()
 
-        def add(hf: str, t: torch.Tensor | np.ndarray) -> None:
-            a = t.numpy() if isinstance(t, torch.Tensor) else t
-            w.add_tensor(gguf_name(hf), np.ascontiguousarray(a, dtype=np.float32))
+        def add(hf: str, t: torch.Tensor) -> None:
+            w.add_tensor(gguf_name(hf), np.ascontiguousarray(t.numpy(), dtype=np.float32))
 
         add("model.embed_tokens.weight", tensor("model.embed_tokens.weight"))
         add("model.norm.weight", tensor("model.norm.weight"))
@@ -231,28 +228,12 @@ def write_f32(pruned_dir: Path, out: Path, converter: str | Path | None, name: s
             add("lm_head.weight", tensor("lm_head.weight"))
         if (factors := rope_factors(d)) is not None:
             w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
-        for i, l in enumerate(layers):
-            dst = f"model.layers.{i}"
-            if l.attn is not None:
-                src = f"model.layers.{l.attn}"
-                add(f"{dst}.input_layernorm.weight", tensor(f"{src}.input_layernorm.weight"))
-                add(f"{dst}.self_attn.q_proj.weight", permute_rows(tensor(f"{src}.self_attn.q_proj.weight"), heads))
-                add(f"{dst}.self_attn.k_proj.weight", permute_rows(tensor(f"{src}.self_attn.k_proj.weight"), kv_heads))
-                add(f"{dst}.self_attn.v_proj.weight", tensor(f"{src}.self_attn.v_proj.weight"))
-                add(f"{dst}.self_attn.o_proj.weight", tensor(f"{src}.self_attn.o_proj.weight"))
-            elif l.placeholder_attn:
-                add(f"{dst}.input_layernorm.weight", np.ones(hidden, np.float32))
-                add(f"{dst}.self_attn.o_proj.weight", np.zeros((hidden, hidden), np.float32))
-            if l.mlp is not None:
-                src = f"model.layers.{l.mlp}"
-                add(f"{dst}.post_attention_layernorm.weight", tensor(f"{src}.post_attention_layernorm.weight"))
-                for part in ("gate_proj", "up_proj", "down_proj"):
-                    add(f"{dst}.mlp.{part}.weight", tensor(f"{src}.mlp.{part}.weight"))
-            else:  # placeholder FFN
-                add(f"{dst}.post_attention_layernorm.weight", np.ones(hidden, np.float32))
-                add(f"{dst}.mlp.gate_proj.weight", np.zeros((ZERO_FFN_WIDTH, hidden), np.float32))
-                add(f"{dst}.mlp.up_proj.weight", np.zeros((ZERO_FFN_WIDTH, hidden), np.float32))
-                add(f"{dst}.mlp.down_proj.weight", np.zeros((hidden, ZERO_FFN_WIDTH), np.float32))
+        for hf, t in packed_layer_tensors(tensor, d, layers, ZERO_FFN_WIDTH, linear_placeholder=True):
+            if hf.endswith("self_attn.q_proj.weight"):
+                t = permute_rows(t, heads)
+            elif hf.endswith("self_attn.k_proj.weight"):
+                t = permute_rows(t, kv_heads)
+            add(hf, t)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -294,7 +275,8 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f32", co
     model_dir, out = Path(model_dir), Path(out)
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
-    check_exportable(exported_config(model_dir))
+    d = exported_config(model_dir)
+    check_exportable(d)
     if not (model_dir / VOCAB_FILE).is_file():
         find_converter(converter)  # refuse before the work
     if outtype != "f32" or check_tokens:
@@ -304,7 +286,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f32", co
     def write(tmp: str) -> None:
         f32 = Path(tmp) if outtype == "f32" else Path(tmp + ".f32")
         try:
-            meta.update(write_f32(model_dir, f32, converter, name=out.stem))
+            meta.update(write_f32(model_dir, d, f32, converter, name=out.stem))
             if check_tokens:
                 meta["check"] = verify(model_dir, f32, check_tokens)
             if outtype != "f32":
