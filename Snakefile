@@ -7,8 +7,9 @@
 #   snakemake --profile profiles/slurm --configfile config/paper.yaml
 #
 # Stages, one file each in workflow/rules/: model -> calibration -> search -> prune ->
-# evaluate -> summary (and export: GGUF files for llama.cpp); methods that compress instead of searching (SliceGPT, LaCo) go from
-# calibration to compress.smk and on to evaluate.  Every rule calls one `blockpruner` subcommand.
+# evaluate -> summary, and export (GGUF files for llama.cpp); methods that compress instead of
+# searching (SliceGPT, LaCo) go from calibration to compress.smk and on to evaluate.  Every rule
+# calls one `blockpruner` subcommand.
 
 from snakemake.utils import min_version
 

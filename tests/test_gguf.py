@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from blockpruner.cli import main
 from blockpruner.data.sources import prepare_model
@@ -18,10 +19,8 @@ from blockpruner.errors import UserError
 from blockpruner.export import decilm, llamacpp, materialize
 from blockpruner.export.decilm import DeciLayer, pack_layers
 from blockpruner.export.llamacpp import export_gguf, gguf_logits, open_gguf
-from blockpruner.search.greedy import write_step
 
 from .conftest import llama2_style_tokenizer, tiny_model
-from .test_export import step_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,8 +73,6 @@ def llama_cpp_greedy(path: Path, ids: list[int], n: int, f32_kv: bool = False) -
 def tiny_llama_dir(root: Path, vocab: str, smollm_dir: Path, **over) -> Path:
     """A 6-layer random Llama with a real vocabulary, prepared like any source: SmolLM2's BPE (with
     its pre-tokenizer) or a SentencePiece BPE with byte fallback laid out as Llama 2's."""
-    from transformers import AutoTokenizer
-
     if vocab == "bpe":
         tok = AutoTokenizer.from_pretrained(smollm_dir)
         tok.save_pretrained(root / "src")
@@ -90,11 +87,7 @@ def tiny_llama_dir(root: Path, vocab: str, smollm_dir: Path, **over) -> Path:
 
 
 def pruned(prepared: Path, root: Path, removed: list[str]) -> Path:
-    from blockpruner.data.sources import load_prepared
-
-    model = load_prepared(prepared, tokenizer=False)[0]
-    write_step(root / "step.json", step_record(model, prepared, removed))
-    materialize.materialize(prepared, root / "step.json", root / "pruned")
+    materialize.materialize(prepared, None, root / "pruned", removed=removed)
     return root / "pruned"
 
 
@@ -126,8 +119,6 @@ def test_llama_cpp_computes_the_pruned_model(case, vocab, tiny_dirs, converter, 
     out = tmp_path / "model.gguf"
     meta = export_gguf(pruned_dir, out, "f32", converter=converter)
     assert meta["removed"] == CASES[case]
-    from transformers import AutoTokenizer
-
     ids = AutoTokenizer.from_pretrained(pruned_dir)(TEXT)["input_ids"]
     ref = reference_logits(pruned_dir, ids)
     exact = gguf_logits(out, ids, f32_kv=True)
@@ -145,8 +136,6 @@ def test_llama_cpp_converter_reads_the_nemotron_nas_export(case, tiny_dirs, conv
     """llama.cpp's own convert_hf_to_gguf.py on the Nemotron-NAS directory (no auto_map, so no
     question about remote code; a SentencePiece vocabulary, which its DeciLM reader knows) gives a
     file that computes the pruned model."""
-    from transformers import AutoTokenizer
-
     pruned_dir = pruned(tiny_dirs["spm"], tmp_path, CASES[case])
     decilm.to_decilm(pruned_dir, tmp_path / "nas")
     out = tmp_path / "nas.gguf"
@@ -161,8 +150,6 @@ def test_llama_cpp_converter_reads_the_nemotron_nas_export(case, tiny_dirs, conv
 
 def test_llama3_rope_scaling(smollm_dir, converter, tmp_path, monkeypatch):
     """Llama 3.1/3.2's RoPE (frequencies scaled by wavelength) travels as llama.cpp's rope_freqs."""
-    from transformers import AutoTokenizer
-
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     prepared = tiny_llama_dir(tmp_path / "m", "bpe", smollm_dir, rope_parameters=rope)
@@ -180,8 +167,6 @@ def test_llama3_rope_scaling(smollm_dir, converter, tmp_path, monkeypatch):
 
 def test_tokenizers_agree(tiny_dirs, converter, tmp_path):
     """llama.cpp tokenizes text as the directory's tokenizer does, for both vocabulary types."""
-    from transformers import AutoTokenizer
-
     texts = [TEXT, "Hello world, 3.14159 and naïve café.", "Résumé: ünïcode bytes ☃ fall back."]
     for vocab, prepared in tiny_dirs.items():
         out = tmp_path / f"{vocab}.gguf"
@@ -216,8 +201,6 @@ def smol_mild(smollm_dir, tmp_path_factory):
 
 
 def test_real_model_in_llama_cpp(smol_pruned, converter, tmp_path):
-    from transformers import AutoTokenizer
-
     out = tmp_path / "smol.gguf"
     meta = export_gguf(smol_pruned, out, "f32", converter=converter, check_tokens=16)
     assert meta["check"]["argmax_agree"] == 16
@@ -239,8 +222,6 @@ def windows_nll(logits: np.ndarray, ids: list[int]) -> float:
 def test_quantised_files_load_generate_and_keep_perplexity(smol_mild, converter, tmp_path, capsys):
     """llama.cpp's own quantiser: each file loads and generates; its perplexity on WikiText-2 text
     sits next to the f32 file's, which equals the pruned model's own (torch)."""
-    from transformers import AutoTokenizer
-
     from blockpruner.eval.wikitext import load_wikitext_rows, wikitext_windows
 
     from .conftest import DATA

@@ -79,7 +79,9 @@ def measure_gguf(model: str | Path, baseline: str | Path | None = None, prompt_t
     if repeats < 1 or warmup < 0 or prompt_tokens < 1 or new_tokens < 1:
         raise UserError("--repeats, --prompt-tokens and --new-tokens must be >= 1 and --warmup >= 0")
     llama_cpp = llama_cpp_module()
-    vocab = llama_cpp.Llama(model_path=str(model), n_ctx=16, verbose=False, vocab_only=True).n_vocab()
+    reader = llama_cpp.Llama(model_path=str(model), n_ctx=16, verbose=False, vocab_only=True)
+    vocab = reader.n_vocab()
+    reader.close()
     ids = np.random.default_rng(seed).integers(3, vocab, prompt_tokens).tolist()
     result = {"engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", "threads": threads,
               "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup,

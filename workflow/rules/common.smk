@@ -115,7 +115,7 @@ if COMPRESS_METHODS and config["prunings"]["ratio_of"] != "all":
                  "prunings.ratio_of: all")
 for _name in config["export"]["models"] or []:
     if _name not in MODELS:
-        config_error(f"export.models", f"no such model {_name!r}; models: {', '.join(MODELS)}")
+        config_error("export.models", f"no such model {_name!r}; models: {', '.join(MODELS)}")
 if config["export"]["gguf"] and config["export"]["speed"] and not config["evaluate"]["speed"]["enabled"]:
     config_error("export.speed", "times GGUF files with evaluate.speed's sizes: set evaluate.speed.enabled: true, "
                  "or export.speed: false")

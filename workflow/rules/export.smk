@@ -2,6 +2,8 @@
 # variant, their speed in llama.cpp (the pruned file against the dense one in one job), and a
 # model card beside each variant's files with the study's evaluation figures.
 
+GGUF_OUTTYPES = "f32|f16|bf16|q8_0|q4_k_m"  # export-gguf --outtype (the schema's export.gguf enum)
+
 
 rule export_gguf:
     input:
@@ -9,7 +11,7 @@ rule export_gguf:
     output:
         gguf="results/gguf/{model}/{variant}/model-{outtype}.gguf",
     wildcard_constraints:
-        outtype="f32|f16|bf16|q8_0|q4_k_m",
+        outtype=GGUF_OUTTYPES,
     params:
         model_dir=dirname_of("model"),
         code=code_hash("export-gguf"),
@@ -36,7 +38,7 @@ rule measure_speed_gguf:
     output:
         json="results/eval/{model}/{variant}/speed-gguf-{outtype}.json",
     wildcard_constraints:
-        outtype="f32|f16|bf16|q8_0|q4_k_m",
+        outtype=GGUF_OUTTYPES,
     params:
         prompt_tokens=lookup(dpath="evaluate/speed/prompt_tokens", within=config),
         new_tokens=lookup(dpath="evaluate/speed/new_tokens", within=config),

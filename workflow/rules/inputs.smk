@@ -134,16 +134,18 @@ def tasks_local_data():
     return f"--local-data {shlex.quote(data_path(d))}" if d else ""
 
 
+def card_evals(model, variant):
+    """A variant's perplexity and task results, where the study evaluates them (for its model card)."""
+    return [f"results/eval/{model}/{variant}/{kind}.json" for kind in EVAL_KINDS if kind != "speed"]
+
+
 def variant_evals(wildcards):
-    """The variant's perplexity and task results, where the study evaluates them (for its model card)."""
-    return [f"results/eval/{wildcards.model}/{wildcards.variant}/{kind}.json" for kind in EVAL_KINDS if kind != "speed"]
+    return card_evals(wildcards.model, wildcards.variant)
 
 
 def dense_evals(wildcards):
-    """The dense model's perplexity and task results, where the study evaluates the dense model."""
-    if not config["evaluate"]["dense"]:
-        return []
-    return [f"results/eval/{wildcards.model}/dense/{kind}.json" for kind in EVAL_KINDS if kind != "speed"]
+    """The dense model's results, where the study evaluates the dense model."""
+    return card_evals(wildcards.model, "dense") if config["evaluate"]["dense"] else []
 
 
 def dense_model(wildcards):
