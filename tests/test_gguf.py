@@ -24,7 +24,7 @@ from .conftest import llama2_style_tokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# the issue's five patterns on a 6-layer model: (a) attention only, (b) an MLP whose attention
+# five block patterns llama.cpp's deci graph handles differently, on a 6-layer model: (a) attention only, (b) an MLP whose attention
 # stays, (c) the last layer's MLP, (d) layer 0's attention, (e) a whole layer
 CASES = {"attn_only": ["attn.2", "attn.4"], "mlp_kept_attn": ["mlp.2"], "last_mlp": ["mlp.5"],
          "layer0_attn": ["attn.0"], "whole_layer": ["attn.3", "mlp.3"]}

@@ -389,9 +389,10 @@ def _loading(layout: str) -> list[str]:
                 "FFN (`block_configs`, `no_op`), the kept blocks packed in forward order. Zero-weight placeholders "
                 "(`pruning.decilm_layers` in config.json) stand where llama.cpp's deci graph needs a block: they add "
                 "exactly zero.", "",
-                "- llama.cpp: `convert_hf_to_gguf.py DIR` converts it when the vocabulary is SentencePiece "
-                "(Llama 2 / Mistral style) or Llama 3's; for any vocabulary, `blockpruner export-gguf PRUNED_DIR "
-                "OUT.gguf` writes the GGUF directly (both checked against the pruned model in llama.cpp).",
+                "- llama.cpp: `convert_hf_to_gguf.py DIR` converts it for a SentencePiece vocabulary (Llama 2 / "
+                "Mistral style; checked against the pruned model in llama.cpp) and refuses other BPE vocabularies "
+                "than Llama 3's (that one was not run); for any vocabulary, `blockpruner export-gguf PRUNED_DIR "
+                "OUT.gguf` writes the GGUF directly (checked in llama.cpp).",
                 "- vLLM / SGLang (`vllm serve DIR`): written for their Nemotron-NAS readers; not run by blockpruner.",
                 "- transformers: NVIDIA's DeciLM code, named in config.json's `auto_map` only when exported with "
                 "`--nemotron-nas-auto-map` (`from_pretrained(DIR, trust_remote_code=True)`); not run by blockpruner. "
@@ -401,11 +402,10 @@ def _loading(layout: str) -> list[str]:
                 "quantiser), written by `blockpruner export-gguf` in llama.cpp's `deci` architecture: the kept blocks "
                 "packed into (attention, MLP) layers, with zero-weight placeholders where llama.cpp's graph needs a "
                 "block (they add exactly zero). Each f32 file was run in llama.cpp and its logits compared with the "
-                "pruned model's before it was quantised.", "", "```bash",
-                "llama-cli -m model-q8_0.gguf -p \"Once upon a time\"      # llama.cpp",
-                "echo 'FROM ./model-q8_0.gguf' > Modelfile && ollama create pruned -f Modelfile   # ollama",
-                "```", "", "```python", "from llama_cpp import Llama  # llama-cpp-python",
-                "llm = Llama(model_path=\"model-q8_0.gguf\")", "```"]
+                "pruned model's before it was quantised; the checks ran through llama-cpp-python:", "",
+                "```python", "from llama_cpp import Llama  # llama-cpp-python",
+                "llm = Llama(model_path=\"model-q8_0.gguf\")", "```", "",
+                "llama.cpp's own tools read the same file, e.g. `llama-cli -m model-q8_0.gguf`."]
     elif layout == "slicegpt":
         out += ["The directory carries its own modeling code (`modeling_slicegpt.py`, named in config.json's "
                 "`auto_map`) for the sliced shapes:", "", *_auto_classes(True), "",
