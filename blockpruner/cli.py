@@ -67,6 +67,13 @@ def device_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
     p.add_argument("--device", default=default, help=f"cpu, cuda, cuda:N or auto (= cuda if visible; default: {default})")
 
 
+def window_batch_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--window-batch", default="auto", metavar="B",
+                   help="calibration windows per forward (same chosen blocks; finished scores equal to fp32 rounding); "
+                        "auto (default) = 1 on a CPU (bit for bit as ever), 8 on a GPU, as the official code's "
+                        "evaluation batches")
+
+
 def dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the model directory's dtype)")
 
@@ -176,6 +183,7 @@ def step_args(p: argparse.ArgumentParser) -> None:
                    help="with early stopping, first cut candidates that cannot win by a certified lower bound on their "
                         f"NLL from N LM-head columns per window (exact, same chosen block; default {HEAD_BOUND_COLUMNS}, "
                         "0 = off)")
+    window_batch_arg(p)
     p.add_argument("--compensation", default="none", metavar="{none,scale}",
                    help="compensation-aware step (opt-in, slower: no prefix reuse or early stopping): score each "
                         "candidate with the per-channel scale correction of the whole removed set applied, as "
@@ -204,12 +212,15 @@ def cmd_step(a: argparse.Namespace) -> None:
     from .blocks import PrunableModel
     from .numerics import Numerics
     from .data.calibration import load_calibration
-    from .data.sources import load_prepared, read_manifest
+    from .data.sources import load_prepared, read_manifest, resolve_device
     from .search.greedy import StepSettings, check_budget, load_previous, parse_shard, search_step, write_shard, write_step
+    from .search.scoring import window_batch_for
 
     bound = {} if a.head_bound_columns is None else {"head_bound_columns": a.head_bound_columns}
     settings = StepSettings.make(a.candidates, a.screen_windows, a.confirm_top, a.candidates_by_bi, numerics=a.numerics,
-                                 compensation=a.compensation, compensation_alpha=a.compensation_alpha, **bound)
+                                 compensation=a.compensation, compensation_alpha=a.compensation_alpha,
+                                 window_batch=window_batch_for(a.window_batch, "cuda" if a.device_map else
+                                                               resolve_device(a.device)), **bound)
     settings.validate()
     shard = parse_shard(a.shard) if a.shard else None
     if shard and settings.mode != "exact":
@@ -824,6 +835,7 @@ def benchmark_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--screen-windows", type=int, default=2, help="screened mode S (default 2)")
     p.add_argument("--confirm-top", type=int, default=4, help="screened mode M (default 4)")
     p.add_argument("--candidates-by-bi", type=int, default=None, help="screened mode R (default: off)")
+    window_batch_arg(p)
     device_arg(p, default="cpu")
     p.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: the model's)")
     p.add_argument("--layers", type=int, default=32, help="--tiny: decoder layers (default 32)")

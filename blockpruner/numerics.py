@@ -15,9 +15,10 @@ and its evaluation use:
 Both go through `scoring.head_nll` (pm.ignore_index), the one place NLLs are taken. Where
 labels are ignored, the LM-head bound is off (it bounds unweighted sums); with nothing to
 ignore (pad id 0 or None) the sums are the plain ones and the bound stays on.
-The official search batches 2 windows per forward; here windows run one at a time (batch 1,
-as the official evaluation). On a GPU a bf16 matmul may round differently with the batch
-shape, so a tie within bf16 rounding can break differently from the official run.
+The official search batches 2 windows per forward; here the batch is `--window-batch` (1 on a
+CPU, 8 on a GPU by default; 2 matches the official search's shapes). On a GPU a bf16 matmul
+may round differently with the batch shape, so a tie within bf16 rounding can break
+differently from the official run.
 """
 
 from __future__ import annotations

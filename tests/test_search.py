@@ -26,7 +26,7 @@ def hf_nll(model, wins) -> float:
     total = 0.0
     with torch.no_grad():
         for w in wins:
-            out = model(w.unsqueeze(0), labels=w.unsqueeze(0))
+            out = model(w.unsqueeze(0), labels=w.unsqueeze(0), use_cache=False)
             total += out.loss.double().item() * (len(w) - 1)
     return total
 

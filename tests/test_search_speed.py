@@ -104,7 +104,7 @@ def test_bound_also_stops_inside_a_window(monkeypatch):
     """Between head chunks: with 16-token chunks a window is stopped part-way, exactly."""
     import blockpruner.search.scoring as ev
 
-    monkeypatch.setattr(ev, "head_chunk_tokens", lambda vocab: 4)
+    monkeypatch.setattr(ev, "head_chunk_tokens", lambda vocab, device=None: 4)
     pm = PrunableModel.wrap(tiny_model("llama", seed=5, num_hidden_layers=3))
     wins = windows(n=3, t=17)
     full = score_candidates(pm, wins, pm.names)

@@ -4,7 +4,8 @@ One process, one model, one calibration set, one K. Methods (interleaved step by
 change in machine load hits all of them alike):
 
   plain     the reference, written out here: for every candidate, remove it, run the full
-            forward (the model's own decoder forward + LM head) over every window, restore.
+            forward (the model's own decoder forward + LM head) over every window, restore;
+            `window_batch` windows per forward, as the official code batches its evaluation.
   prefix    (optional) the scoring engine with prefix reuse only, no early stopping.
   exact     `search_step` with prefix reuse + exact early stopping seeded by the previous
             step's ranking, without the head bound (--head-bound-columns 0). Must give plain
@@ -44,7 +45,7 @@ from ..errors import UserError
 from ..eval.speed import RssSampler
 from ..search.greedy import StepSettings, candidate_blocks, search_step
 from ..search import HEAD_BOUND_COLUMNS
-from ..search.scoring import Cost, head_nll
+from ..search.scoring import Cost, head_nll, stack_windows, window_batch_for, window_groups
 
 METHODS = ("plain", "prefix", "exact", "bounded", "screened")
 EXACT_METHODS = ("prefix", "exact", "bounded")  # must choose plain greedy's sequence
@@ -54,27 +55,27 @@ EXACT_METHODS = ("prefix", "exact", "bounded")  # must choose plain greedy's seq
 
 
 @torch.no_grad()
-def plain_greedy_step(pm: PrunableModel, windows, removed: list[str], cost: Cost) -> tuple[str, float]:
-    """One plain greedy step: remove each candidate, full forward over every window, restore.
+def plain_greedy_step(pm: PrunableModel, windows, removed: list[str], cost: Cost, batch: int = 1) -> tuple[str, float]:
+    """One plain greedy step: remove each candidate, full forward over every window (`batch`
+    of one length at a time), restore.
 
     Candidates in the documented tie order (attention before MLP, ascending layer); a strictly
     lower NLL replaces the best, so bit-identical NLLs keep the earlier candidate.
     """
-    device = next(pm.model.parameters()).device
     decoder = get_path(pm.model, pm.adapter.decoder)
     best: tuple[float, str] | None = None
     for c in candidate_blocks(pm.num_layers, removed, "all"):
         pm.set_removed(removed + [c])
         kept = pm.remaining()
         nll = 0.0
-        for w in windows:
-            ids = w.to(device).unsqueeze(0)
+        for group in window_groups(windows, batch):
+            ids = stack_windows(pm, windows, group)
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # final-normed
-            nll += head_nll(pm, hidden, ids, normed=True)[0][0]
+            for row in head_nll(pm, hidden, ids, cost, normed=True)[0]:
+                nll += row
             for b in kept:
-                cost.add_block(pm, b, ids.shape[1])
-            cost.add_head(pm, ids.shape[1] - 1)
-            cost.windows += 1
+                cost.add_block(pm, b, ids.shape[1], len(group))
+            cost.windows += len(group)
         if math.isfinite(nll) and (best is None or nll < best[0]):
             best = (nll, c)
     pm.set_removed(removed)
@@ -130,11 +131,11 @@ class Method:
         self.bounded = 0
         self.steps: list[dict] = []  # per step: block, wall_s, cpu_s, cost
 
-    def step(self, pm: PrunableModel, windows, k: int, device: torch.device) -> None:
+    def step(self, pm: PrunableModel, windows, k: int, device: torch.device, batch: int = 1) -> None:
         with PeakMemory(device) as mem:
             t0, c0 = time.perf_counter(), time.process_time()
             if self.name == "plain":
-                block, _ = plain_greedy_step(pm, windows, self.removed, self.cost)
+                block, _ = plain_greedy_step(pm, windows, self.removed, self.cost, batch)
             else:
                 rec = search_step(pm, windows, k, self.removed, self.settings, {}, progress=False, prev=self.prev,
                                   early_stop=self.early_stop)
@@ -160,15 +161,18 @@ class Method:
 
 def run(pm: PrunableModel, windows, k: int, methods=("plain", "exact", "bounded", "screened"), screen_windows: int = 2,
         confirm_top: int = 4, bi_candidates: int | None = None, head_bound_columns: int = HEAD_BOUND_COLUMNS,
-        log=print) -> dict:
-    """Run the methods step by step (interleaved) and return their figures."""
+        log=print, window_batch: int = 1) -> dict:
+    """Run the methods step by step (interleaved) and return their figures; every method runs
+    `window_batch` windows per forward."""
     device = next(pm.model.parameters()).device
     screened = StepSettings.make(screen_windows=screen_windows, confirm_top=confirm_top, bi_candidates=bi_candidates,
-                                 head_bound_columns=head_bound_columns)
+                                 head_bound_columns=head_bound_columns, window_batch=window_batch)
     make = {"plain": lambda: Method("plain"),
-            "prefix": lambda: Method("prefix", StepSettings(head_bound_columns=0), early_stop=False),
-            "exact": lambda: Method("exact", StepSettings(head_bound_columns=0)),
-            "bounded": lambda: Method("bounded", StepSettings(head_bound_columns=head_bound_columns)),
+            "prefix": lambda: Method("prefix", StepSettings(head_bound_columns=0, window_batch=window_batch),
+                                     early_stop=False),
+            "exact": lambda: Method("exact", StepSettings(head_bound_columns=0, window_batch=window_batch)),
+            "bounded": lambda: Method("bounded", StepSettings(head_bound_columns=head_bound_columns,
+                                                              window_batch=window_batch)),
             "screened": lambda: Method("screened", screened)}
     ms = [make[m]() for m in methods]
     with torch.no_grad():  # warm-up: one full forward (logits included), so that no method pays the first-call
@@ -176,7 +180,7 @@ def run(pm: PrunableModel, windows, k: int, methods=("plain", "exact", "bounded"
         pm.model(input_ids=windows[0][:8].to(device).unsqueeze(0), use_cache=False)
     for step in range(1, k + 1):
         for m in ms:
-            m.step(pm, windows, step, device)
+            m.step(pm, windows, step, device, window_batch)
             st = m.steps[-1]
             log(f"  step {step} {m.name:9s} -> {m.removed[-1]:8s} {st['wall_s']:8.1f} s wall {st['cpu_s']:8.1f} s CPU "
                 f"{st['block_forwards']:7d} block fwd {st['head_tokens']:7d} head tokens "
@@ -187,6 +191,7 @@ def run(pm: PrunableModel, windows, k: int, methods=("plain", "exact", "bounded"
     exact = by.get("exact")
     out = {"k": k, "windows": len(windows), "tokens": int(sum(len(w) for w in windows)), "device": str(device),
            "threads": torch.get_num_threads(), "blocks": len(pm.names), "head_bound_columns": head_bound_columns,
+           "window_batch": window_batch,
            "methods": {}}
     for m in ms:
         r = {"sequence": m.removed, "block_forwards": m.cost.block_forwards, "head_tokens": m.cost.head_tokens,
@@ -294,6 +299,7 @@ def run_cli(a: argparse.Namespace) -> dict:
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(a.device)
+    batch = window_batch_for(a.window_batch, device)
     if a.tiny:
         model = tiny_deep_model(a.layers, a.hidden, a.vocab, seed=a.seed).to(device)
         windows = tiny_windows(a.windows, a.seqlen, a.vocab, seed=a.seed)
@@ -311,7 +317,7 @@ def run_cli(a: argparse.Namespace) -> dict:
     print(f"{what}; {len(windows)} windows, {sum(len(w) for w in windows)} tokens; K={a.k}; device {device}, "
           f"{torch.get_num_threads()} thread(s); methods {', '.join(methods)}", flush=True)
     res = run(pm, windows, a.k, methods, a.screen_windows, a.confirm_top, a.candidates_by_bi, a.head_bound_columns,
-              log=lambda s: print(s, flush=True))
+              log=lambda s: print(s, flush=True), window_batch=batch)
     res["model"] = what
     res["args"] = {k: v for k, v in vars(a).items() if k != "func"}
     print(table(res))

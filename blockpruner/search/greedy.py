@@ -26,6 +26,13 @@ search prefers blocks whose loss the correction recovers; the step's perplexity 
 compensated model's. No prefix reuse or early stopping applies (the correction changes what
 every candidate's suffix receives): every candidate runs every remaining block on every window.
 
+Batched windows (`window_batch` B, default 1 on a CPU and 8 on a GPU: `--window-batch`):
+every forward of the engine runs B consecutive calibration windows of one length at once, so
+the blocks' matmuls fill an accelerator. Sums are still added window by window in order; a
+finished NLL differs from B = 1's only where the batch shape changes a kernel's rounding, and
+a loser's stop (its partial record) is seen at a window's end rather than between head
+chunks. Compensation-aware steps run one window at a time.
+
 Sharded steps: `shard=(i, n)` scores only candidates i, i+n, i+2n, ... of the tie-ordered
 candidate list (plus the seed, which every shard scores to get the same bound) and returns
 a partial record (format `blockpruner.step-shard/1`); `gather_shards` picks the winner. The
@@ -67,7 +74,7 @@ CANDIDATE_SETS = ("all", "attn", "mlp")
 MODES = ("exact", "screened")
 SCREEN_FIELDS = ("screen_windows", "confirm_top", "bi_candidates")
 COMPENSATIONS = ("none", "scale")
-NOT_COMPARED = ("head_bound_columns",)  # recorded, but a step may continue one made with another value
+NOT_COMPARED = ("head_bound_columns", "window_batch")  # recorded, but a step may continue one made with another value
 log = logging.getLogger("blockpruner.search")
 
 
@@ -77,7 +84,8 @@ class StepSettings:
 
     Early stopping and sharding are not settings: they never change the chosen block or a
     finished score. The head bound does not either; its size is recorded (it decides which
-    losers are "bounded") but not compared by `load_previous`.
+    losers are "bounded") but not compared by `load_previous`. Nor does the window batch
+    beyond fp32 rounding (recorded where it is not 1, not compared).
     """
 
     method: str = "blockpruner"
@@ -91,6 +99,7 @@ class StepSettings:
     numerics: str = "fp32"  # fp32 | official-bf16 (blockpruner.numerics)
     compensation: str = "none"  # none | scale: score each candidate with its correction applied
     compensation_alpha: float | None = None  # scale: the pull toward 1 (None: compensate.fit's default)
+    window_batch: int = 1  # calibration windows per forward (scoring.window_groups)
 
     @classmethod
     def make(cls, candidates: str = "all", screen_windows: int | None = None, confirm_top: int | None = None,
@@ -122,6 +131,8 @@ class StepSettings:
             if self.mode != "exact" or self.method != "blockpruner":
                 raise UserError("a compensation-aware step is an exact BlockPruner step; drop the screening options")
             check_method(self.compensation, self.compensation_alpha)
+        if not isinstance(self.window_batch, int) or self.window_batch < 1:
+            raise UserError(f"window_batch must be a positive integer (windows per forward), got {self.window_batch!r}")
         if not isinstance(self.head_bound_columns, int) or self.head_bound_columns < 0:
             raise UserError(f"head_bound_columns must be an integer >= 0 (0 = off), got {self.head_bound_columns!r}")
 
@@ -139,6 +150,8 @@ class StepSettings:
             del d["compensation"], d["compensation_alpha"]
         else:
             d["compensation_alpha"] = check_method(self.compensation, self.compensation_alpha)
+        if self.window_batch == 1:  # as before batched windows existed
+            del d["window_batch"]
         return d
 
     def compared(self) -> dict:
@@ -225,17 +238,17 @@ def _screened(pm: PrunableModel, windows, cands: list[str], settings: StepSettin
         info["bi_kept"] = cands
     if settings.screen_windows is None:
         res = score_exact(pm, windows, cands, early_stop=early_stop, head_bound=settings.head_bound_columns, cost=cost,
-                          on_progress=on_progress)
+                          on_progress=on_progress, batch=settings.window_batch)
         return res.scores, info | res.info()
     s_win = min(settings.screen_windows, len(windows))
-    screen = score_candidates(pm, windows[:s_win], cands, cost=cost, on_progress=on_progress)
+    screen = score_candidates(pm, windows[:s_win], cands, cost=cost, on_progress=on_progress, batch=settings.window_batch)
     order = [s.block for s in rank(screen) if s.status == "done"]
     kept = order[: settings.confirm_top]
     for b in order[settings.confirm_top:]:
         screen[b].status = "screened"
     res = score_exact(pm, windows[s_win:], sorted(kept, key=tie_order), prefer=kept, early_stop=early_stop,
                       head_bound=settings.head_bound_columns, start={b: screen[b] for b in kept}, seed_from="screen",
-                      cost=cost, on_progress=on_progress)
+                      cost=cost, on_progress=on_progress, batch=settings.window_batch)
     info["confirmed"] = kept
     return screen | res.scores, info | res.info()
 
@@ -276,7 +289,8 @@ def search_step(pm: PrunableModel, windows, k: int, removed: list[str], settings
             scores, info = _compensated(pm, windows, removed, owned, settings, cost, bar.update)
         elif settings.mode == "exact":
             res = score_exact(pm, windows, cands, prefer=_prefer(prev), early_stop=early_stop,
-                              head_bound=settings.head_bound_columns, owned=owned, cost=cost, on_progress=bar.update)
+                              head_bound=settings.head_bound_columns, owned=owned, cost=cost, on_progress=bar.update,
+                              batch=settings.window_batch)
             scores, info = res.scores, res.info()
         else:
             scores, info = _screened(pm, windows, cands, settings, early_stop, cost, bar.update)

@@ -11,6 +11,10 @@ For each calibration window we
    Only the running state and one candidate's suffix are alive at a time: memory is one
    window's activations, never the whole calibration set, whatever the number of blocks.
 
+Windows run `batch` at a time where the caller asks (`window_groups`: consecutive windows of
+one length, `--window-batch`): the walk, the suffixes, the head bound's passes and the head
+then work on a (B, T) batch, and each window's NLL is still added in window order.
+
 Everything that scores candidates -- the greedy search, the one-shot ablation, the
 sharded step, the benchmark -- goes through `score_candidates`, which also takes an NLL
 `bound` (a candidate whose running NLL exceeds it is stopped, status "stopped") and any
@@ -58,6 +62,7 @@ from torch import nn
 
 from ..adapters import get_path
 from ..blocks import PrunableModel, block_index, parse_block, tie_order
+from ..errors import UserError
 from . import HEAD_BOUND_COLUMNS
 
 # ---------------------------------------------------------------------------- FLOP model
@@ -156,9 +161,9 @@ class Cost:
     flops: int = 0  # `FlopModel` count of the block forwards, head tokens and bound columns
     bound_columns: int = 0
 
-    def add_block(self, pm: PrunableModel, name: str, tokens: int) -> None:
-        self.block_forwards += 1
-        self.flops += FlopModel.of(pm).block(name, tokens)
+    def add_block(self, pm: PrunableModel, name: str, tokens: int, windows: int = 1) -> None:
+        self.block_forwards += windows
+        self.flops += windows * FlopModel.of(pm).block(name, tokens)
 
     def add_head(self, pm: PrunableModel, tokens: int) -> None:
         self.head_tokens += tokens
@@ -261,6 +266,39 @@ def window_batches(pm: PrunableModel, windows: Iterable[torch.Tensor]) -> Iterat
         yield ids.to(device).unsqueeze(0)
 
 
+def window_groups(windows: Sequence[torch.Tensor], size: int, start: int = 0) -> list[range]:
+    """Indices of `windows[start:]` in consecutive groups of at most `size` windows of one
+    length: the batches the engine runs. Windows stay in order, so every candidate's sums are
+    added in the same order whatever the batch size."""
+    groups, first = [], start
+    for i in range(start + 1, len(windows) + 1):
+        if i == len(windows) or i - first == size or len(windows[i]) != len(windows[first]):
+            groups.append(range(first, i))
+            first = i
+    return groups
+
+
+def stack_windows(pm: PrunableModel, windows: Sequence[torch.Tensor], group: range) -> torch.Tensor:
+    """The windows of `group` as one (B, T) batch on the model's device."""
+    return torch.stack([windows[i] for i in group]).to(model_device(pm))
+
+
+def window_batch_for(asked: str | int, device: torch.device | str) -> int:
+    """Windows per forward: `asked`, or for "auto" 1 on a CPU (a window already fills its
+    cores, and results stay bit for bit those of one window at a time) and 8 on an
+    accelerator, as the official code's evaluation script (`--ppl-eval-batch-size 8`), so
+    the blocks' matmuls fill the card."""
+    if asked == "auto":
+        return 1 if torch.device(device).type == "cpu" else 8
+    try:
+        batch = int(asked)
+    except ValueError:
+        batch = 0
+    if batch < 1:
+        raise UserError(f"--window-batch takes a positive integer or auto, got {asked!r}")
+    return batch
+
+
 def walk(pm: PrunableModel, ctx: WindowContext, hidden: torch.Tensor, cost: Cost, *, start: int = 0,
          skip: Collection[str] = ()) -> Iterator[tuple[str | None, torch.Tensor]]:
     """Walk blocks `pm.names[start:]` from residual state `hidden`: yield (block, the state
@@ -268,12 +306,12 @@ def walk(pm: PrunableModel, ctx: WindowContext, hidden: torch.Tensor, cost: Cost
     state). A skipped block's state before and after is the same tensor. Stopping the
     iteration early leaves the later blocks unrun."""
     h = hidden
-    tokens = hidden.shape[1]
+    rows, tokens = hidden.shape[:2]
     for name in pm.names[start:]:
         yield name, h
         if name not in skip:
             h = pm.run_block(name, h, ctx.layer_kwargs[block_index(name) // 2])
-            cost.add_block(pm, name, tokens)
+            cost.add_block(pm, name, tokens, rows)
     yield None, h
 
 
@@ -291,11 +329,13 @@ def prefix_states(pm: PrunableModel, ctx: WindowContext, cost: Cost, skip: Colle
     return [h for _, h in walk(pm, ctx, ctx.hidden, cost, skip=skip)]
 
 
-LOGIT_BYTES_PER_CHUNK = 64 * 2**20  # fp32 logits held at once by the head
+LOGIT_BYTES_PER_CHUNK = 64 * 2**20  # fp32 logits held at once by the head on a CPU
+LOGIT_BYTES_PER_CHUNK_ACCELERATOR = 1 << 30  # on a GPU: larger head matmuls, fewer launches
 
 
-def head_chunk_tokens(vocab_size: int) -> int:
-    return max(16, LOGIT_BYTES_PER_CHUNK // (4 * vocab_size))
+def head_chunk_tokens(vocab_size: int, device: torch.device | None = None) -> int:
+    budget = LOGIT_BYTES_PER_CHUNK if device is None or device.type == "cpu" else LOGIT_BYTES_PER_CHUNK_ACCELERATOR
+    return max(16, budget // (4 * vocab_size))
 
 
 def head_nll(pm: PrunableModel, hidden: torch.Tensor, input_ids: torch.Tensor, cost: Cost | None = None, *,
@@ -305,10 +345,11 @@ def head_nll(pm: PrunableModel, hidden: torch.Tensor, input_ids: torch.Tensor, c
 
     `hidden` is the last residual state (final-normed already when `normed`). The LM head and
     any final logit soft-capping are applied exactly as the model's own forward, a chunk of
-    positions at a time, each chunk's cross-entropy summed in float64. With `bound` (one row),
-    scoring stops between chunks once `before` plus the running sum exceeds it: the rest can
-    only add to it. With `mass` (float32, [vocab]), each column's softmax probability summed
-    over the scored positions is added to it (the head bound's choice of columns).
+    positions at a time, each chunk's cross-entropy summed in float64. With `bound`, scoring
+    stops between chunks once `before` plus the running sums of all rows exceeds it: the rest
+    can only add to it. With `mass` (float32, [B, vocab], or [vocab] for one row), each
+    column's softmax probability summed over a row's scored positions is added to its row (the
+    head bound's choice of columns).
 
     With `pm.ignore_index` set (parity mode), labels equal to it count 0 and each row's sum is
     scaled by positions / counted labels: for the official code's equal-length windows the
@@ -321,7 +362,7 @@ def head_nll(pm: PrunableModel, hidden: torch.Tensor, input_ids: torch.Tensor, c
     hidden = hidden[:, :-1]
     labels = input_ids[:, 1:].to(hidden.device)
     b, t = labels.shape
-    step = max(1, head_chunk_tokens(head.weight.shape[0]) // b)
+    step = max(1, head_chunk_tokens(head.weight.shape[0], hidden.device) // b)
     sums = torch.zeros(b, dtype=torch.float64, device=hidden.device)
     counted = scale = None
     if pm.ignore_index is not None:
@@ -334,7 +375,8 @@ def head_nll(pm: PrunableModel, hidden: torch.Tensor, input_ids: torch.Tensor, c
             logits = torch.tanh(logits / softcap) * softcap
         nll = F.cross_entropy(logits.flatten(0, 1), labels[:, done : done + step].flatten(), reduction="none")
         if mass is not None:
-            mass += torch.softmax(logits.flatten(0, 1), dim=-1).sum(dim=0).to(mass.device)
+            probs = torch.softmax(logits.flatten(0, 1), dim=-1)
+            mass += (probs.sum(dim=0) if b == 1 else probs.view(b, -1, probs.shape[-1]).sum(dim=1)).to(mass.device)
         if counted is None:
             sums += nll.view(b, -1).double().sum(dim=1)
         else:
@@ -342,7 +384,7 @@ def head_nll(pm: PrunableModel, hidden: torch.Tensor, input_ids: torch.Tensor, c
         done += nll.numel() // b
         if cost is not None:
             cost.add_head(pm, nll.numel())
-        if bound is not None and done < t and before + sums.item() > bound:
+        if bound is not None and done < t and before + sums.sum().item() > bound:
             break
     return sums.tolist(), done
 
@@ -399,11 +441,15 @@ def rounding_allowance(pm: PrunableModel, h: torch.Tensor, z: torch.Tensor, bw: 
     fp32 accumulation over K = hidden terms (+1 for a bias), |δ_j| <= γ_K (||h|| ||w_j|| + |b_j|)
     (the dot-product error bound, Cauchy-Schwarz for sum |h_i w_ji|), γ_K = K u / (1 - K u),
     u = 2^-24, plus 2 u_in where CUDA rounds fp32 inputs (TF32: u_in = 2^-11; bf16: 2^-8) and
-    the output's rounding u_out |z_j| in bf16 / fp16. Softcapping is 1-Lipschitz (its
+    the output's rounding u_out |z_j| in bf16 / fp16 (products of bf16 / fp16 inputs are exact
+    in fp32). Softcapping is 1-Lipschitz (its
     derivative is sech^2 <= 1), so it does not enlarge δ. Last, 1e-6 (1 + max |g(z)|) covers
     the float32 cross-entropy's and softcap's own rounding (a few ulps of the largest logit).
-    Where no such bound is small (half-precision reductions on CUDA), the allowance is
-    infinite: the bound is 0 and cuts nothing.
+    Where no such bound is small (half-precision reductions on CUDA, which PyTorch allows by
+    default: `half_precision_reduction`), the allowance is infinite: the bound is 0 and cuts
+    nothing. Setting `torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`
+    (or the fp16 one) to False makes cuBLAS accumulate in fp32; u is then one fp32 ulp, 2^-23
+    (tensor cores may truncate rather than round), and the bound can cut again.
     """
     dtype = h.dtype
     k = h.shape[-1] + (1 if bw.bias is not None else 0)
@@ -412,13 +458,23 @@ def rounding_allowance(pm: PrunableModel, h: torch.Tensor, z: torch.Tensor, bw: 
     if h.device.type == "cuda" and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         u_in = 2.0**-8 if torch.get_float32_matmul_precision() == "medium" else 2.0**-11
     if h.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        u = max(u, ROUNDING[dtype])  # cuBLAS may reduce in half precision
+        # tensor cores accumulate in fp32 but may truncate (one ulp, not half); cuBLAS may
+        # also reduce split-K partial sums in the half precision itself
+        u = ROUNDING[dtype] if half_precision_reduction(dtype) else 2.0**-23
     if k * u >= 0.5:
         return torch.full_like(zmax, math.inf)
     gamma = k * u / (1 - k * u) + 2 * u_in
     u_out = ROUNDING.get(dtype, 2.0**-7)
     delta = gamma * (h.double().norm(dim=1) * bw.weight_norm + bw.bias_max) + u_out * zmax
     return 2 * delta + 1e-6 * (1 + zmax)
+
+
+def half_precision_reduction(dtype: torch.dtype) -> bool:
+    """Whether cuBLAS may accumulate a `dtype` GEMM in that half precision (split-K reductions)."""
+    matmul = torch.backends.cuda.matmul
+    if dtype == torch.bfloat16:
+        return bool(matmul.allow_bf16_reduced_precision_reduction)
+    return bool(matmul.allow_fp16_reduced_precision_reduction)
 
 
 @torch.no_grad()
@@ -459,26 +515,43 @@ def head_lower_bound(pm: PrunableModel, normed: torch.Tensor, ids: torch.Tensor,
 
 
 @torch.no_grad()
-def _add_window_nll(pm: PrunableModel, hidden: torch.Tensor, ids: torch.Tensor, s: Score, bound: float | None,
-                    cost: Cost, last_window: bool = False, *, normed: bool = False,
-                    mass: torch.Tensor | None = None, ahead: float = 0.0) -> None:
-    """Add one window's NLL to `s`, stopping between head chunks once `bound` is exceeded.
+def _add_batch_nll(pm: PrunableModel, hidden: torch.Tensor, ids: torch.Tensor, s: Score, bound: float | None,
+                   cost: Cost, last_batch: bool = False, *, normed: bool = False,
+                   mass: torch.Tensor | None = None, ahead: Sequence[float] | None = None) -> None:
+    """Add a (B, T) batch of windows' NLL to `s`, row by row, stopping once `bound` is exceeded.
 
-    `ahead`: a certified lower bound on what the later windows add (the head bound's), counted
-    against `bound` with the exact NLL so far. A candidate over the bound is `stopped` (its
-    exact NLL alone is over) or `bounded` (with `ahead`) only where work was cut (a chunk or
-    a window left); one that finished its last window stays `done`, with its full NLL, and
-    simply loses.
+    `ahead[r]`: a certified lower bound on what the windows after row r add (the head
+    bound's), counted against `bound` with the exact NLL so far. A candidate over the bound is
+    `stopped` (its exact NLL alone is over) or `bounded` (with `ahead`) only where work was
+    cut (a chunk, a row or a window left); one that finished its last window stays `done`,
+    with its full NLL, and simply loses. The head stops between chunks once the rows' running
+    sums exceed the bound (then every row is partial); otherwise the rows are added in order
+    and the ones after the candidate went over the bound are dropped, so a candidate's record
+    is what one window at a time would record, except that a stop inside a batch of several
+    windows is seen at the end of the row (or, between chunks, of the batch) that crossed it.
     """
-    (nll,), done = head_nll(pm, hidden, ids, cost, normed=normed, bound=bound, before=s.nll_sum + ahead, mass=mass)
-    n = ids.shape[1] - 1
-    s.nll_sum += nll
-    s.tokens += done
-    if done == n:
+    b, n = ids.shape[0], ids.shape[1] - 1
+    ahead = list(ahead) if ahead is not None else [0.0] * b
+    nlls, done = head_nll(pm, hidden, ids, cost, normed=normed, bound=bound, before=s.nll_sum + ahead[-1], mass=mass)
+    if done < n:  # cut between head chunks: every row is partial
+        s.nll_sum += nlls[0] if b == 1 else math.fsum(nlls)
+        s.tokens += done * b
+        _check_bound(s, bound, ahead[-1], cut=True)
+        return
+    for r, nll in enumerate(nlls):
+        s.nll_sum += nll
+        s.tokens += done
         s.windows_done += 1
+        _check_bound(s, bound, ahead[r], cut=not (last_batch and r == b - 1))
+        if s.status != "done":
+            return
+
+
+def _check_bound(s: Score, bound: float | None, ahead: float, cut: bool) -> None:
+    """Mark `s` nonfinite, or stopped / bounded when it is over `bound` and work was cut."""
     if not math.isfinite(s.nll_sum):
         s.status = "nonfinite"
-    elif bound is not None and s.nll_sum + ahead > bound and (done < n or not last_window):
+    elif bound is not None and s.nll_sum + ahead > bound and cut:
         if s.nll_sum > bound:
             s.status = "stopped"
         else:
@@ -510,37 +583,40 @@ def _check_candidates(pm: PrunableModel, scores: Iterable[Score]) -> None:
 @torch.no_grad()
 def _score_windows(pm: PrunableModel, windows: Iterable[torch.Tensor], scores: Sequence[Score], bound: float | None,
                    cost: Cost, on_progress: Callable[[int], None] | None = None,
-                   masses: list[torch.Tensor] | None = None) -> None:
+                   masses: list[torch.Tensor] | None = None, batch: int = 1) -> None:
     """Accumulate each window's NLL into every live (`done`) score, walking the blocks once per
-    window (`_suffix_states`). With `masses` (one score), each window's column mass is
-    appended to it (`head_nll(mass=...)`)."""
+    batch of `batch` windows (`_suffix_states`). With `masses` (one score), each window's column
+    mass is appended to it (`head_nll(mass=...)`)."""
     removed = set(pm.removed)
     _check_candidates(pm, scores)
     windows = list(windows)
-    for i, ids in enumerate(window_batches(pm, windows)):
+    groups = window_groups(windows, batch)
+    for group in groups:
         alive = {s.block: s for s in scores if s.status == "done"}
         if not alive:
             break
+        ids = stack_windows(pm, windows, group)
         ctx = capture_window(pm, ids)
-        cost.windows += 1
+        cost.windows += len(group)
         mass = None
         if masses is not None:
             weight = get_path(pm.model, pm.adapter.lm_head).weight
-            mass = torch.zeros(weight.shape[0], device=weight.device)
-            masses.append(mass)
+            mass = torch.zeros(len(group), weight.shape[0], device=weight.device)
+            masses.extend(mass.unbind(0))
         for name, x in _suffix_states(pm, ctx, alive, removed, cost):
-            _add_window_nll(pm, x, ids, alive[name], bound, cost, last_window=i == len(windows) - 1, mass=mass)
+            _add_batch_nll(pm, x, ids, alive[name], bound, cost, last_batch=group is groups[-1], mass=mass)
             del x
             if on_progress:
-                on_progress(1)
+                on_progress(len(group))
         del ctx
 
 
 @torch.no_grad()
 def _score_bounded(pm: PrunableModel, windows: Sequence[torch.Tensor], scores: Sequence[Score], bound: float,
                    columns: Sequence[Sequence[torch.Tensor]], cost: Cost,
-                   on_progress: Callable[[int], None] | None = None, first: dict[str, torch.Tensor] | None = None) -> None:
-    """`_score_windows` with `bound`, cutting with the head bound first.
+                   on_progress: Callable[[int], None] | None = None, first: dict[str, torch.Tensor] | None = None,
+                   batch: int = 1) -> None:
+    """`_score_windows` with `bound`, cutting with the head bound first, `batch` windows per walk.
 
     columns[s][i]: the bound's columns on window i at stage s (`bound_stages`; each stage's
     hold the last's). A candidate is `bounded` -- it cannot win -- as soon as its exact NLL
@@ -575,23 +651,33 @@ def _score_bounded(pm: PrunableModel, windows: Sequence[torch.Tensor], scores: S
             gone = kept.pop((name, j), None)
             kept_bytes -= 0 if gone is None else gone.numel() * gone.element_size()
 
-    for i, ids in enumerate(window_batches(pm, windows)):
+    def row(states: torch.Tensor, r: int) -> torch.Tensor:
+        return states if states.shape[0] == 1 else states[r : r + 1].clone()  # a kept row frees its batch
+
+    # the first window alone where `first` holds its states, so those are not run again
+    groups = ([range(0, 1)] + window_groups(windows, batch, 1)) if first else window_groups(windows, batch)
+    for group in groups:
         if not live:
             break
-        given = (first or {}) if i == 0 else {}
+        ids = stack_windows(pm, windows, group)
+        given = (first or {}) if group.start == 0 else {}
         todo = [b for b in live if b not in given]
-        bw = BoundWindow.of(head, columns[0][i])
+        bws = [BoundWindow.of(head, columns[0][i]) for i in group]
         for name, normed in chain(((b, given.pop(b)) for b in list(live) if b in given),
                                   _normed_states(pm, ids, todo, removed, cost)):
-            window_lower[name].append(head_lower_bound(pm, normed, ids, bw, cost))
-            if lower(name) > bound:
-                cut(name)
-            elif kept_bytes + normed.numel() * normed.element_size() <= BOUND_CACHE_BYTES:
-                kept[name, i] = normed
-                kept_bytes += normed.numel() * normed.element_size()
+            for r, i in enumerate(group):
+                x = row(normed, r)
+                window_lower[name].append(head_lower_bound(pm, x, ids[r : r + 1], bws[r], cost))
+                if lower(name) > bound:
+                    cut(name)
+                    break
+                if kept_bytes + x.numel() * x.element_size() <= BOUND_CACHE_BYTES:
+                    kept[name, i] = x
+                    kept_bytes += x.numel() * x.element_size()
+            del normed
             if on_progress:
-                on_progress(1)
-        del bw
+                on_progress(len(group))
+        del bws
     for stage in columns[1:]:
         for i, ids in enumerate(window_batches(pm, windows)):
             names = [b for b in live if (b, i) in kept]
@@ -601,30 +687,36 @@ def _score_bounded(pm: PrunableModel, windows: Sequence[torch.Tensor], scores: S
                 if lower(name) > bound:
                     cut(name)
             del bw
-    last = len(windows) - 1
-    for i, ids in enumerate(window_batches(pm, windows)):
+    groups = window_groups(windows, batch)
+    for group in groups:
         alive = {b: s for b, s in live.items() if s.status == "done"}
         if not alive:
             break
-        for name, normed in _normed_states(pm, ids, [b for b in alive if (b, i) not in kept], removed, cost):
-            kept[name, i] = normed
+        ids = stack_windows(pm, windows, group)
+        for name, normed in _normed_states(pm, ids, [b for b in alive if any((b, i) not in kept for i in group)],
+                                           removed, cost):
+            for r, i in enumerate(group):
+                kept[name, i] = row(normed, r)
         for name, s in alive.items():
-            _add_window_nll(pm, kept.pop((name, i)), ids, s, bound, cost, last_window=i == last, normed=True,
-                            ahead=sum(window_lower[name][i + 1:]))
+            rows = [kept.pop((name, i)) for i in group]
+            _add_batch_nll(pm, rows[0] if len(rows) == 1 else torch.cat(rows), ids, s, bound, cost,
+                           last_batch=group is groups[-1], normed=True,
+                           ahead=[sum(window_lower[name][i + 1:]) for i in group])
+            del rows
             if s.status != "done":
-                for j in range(i + 1, len(windows)):
+                for j in range(group.stop, len(windows)):
                     kept.pop((name, j), None)
     kept.clear()
 
 
 def _normed_states(pm: PrunableModel, ids: torch.Tensor, blocks: Sequence[str], removed: Collection[str],
                    cost: Cost) -> Iterator[tuple[str, torch.Tensor]]:
-    """(b, final-normed last state without b) for each b of `blocks` on one (1, T) window."""
+    """(b, final-normed last state without b) for each b of `blocks` on a (B, T) batch."""
     if not blocks:
         return
     final_norm = get_path(pm.model, pm.adapter.final_norm)
     ctx = capture_window(pm, ids)
-    cost.windows += 1
+    cost.windows += ids.shape[0]
     for name, x in _suffix_states(pm, ctx, blocks, removed, cost):
         yield name, final_norm(x)
 
@@ -672,17 +764,18 @@ def score_candidates(
     bound: float | None = None,
     cost: Cost | None = None,
     on_progress: Callable[[int], None] | None = None,
+    batch: int = 1,
 ) -> dict[str, Score]:
     """NLL over all windows of the current model with each candidate additionally removed.
 
-    Windows are visited in order, so sums are bit-reproducible and independent of which
-    other candidates are scored alongside. With `bound`, a candidate is stopped (status
+    Windows are visited in order, `batch` to a forward, so sums are bit-reproducible and
+    independent of which other candidates are scored alongside. With `bound`, a candidate is stopped (status
     "stopped") as soon as its running NLL exceeds it, between windows or head chunks (NLL
     only grows, so it cannot finish below the bound); its partial NLL is kept.
     """
     cost = cost if cost is not None else Cost()
     scores = {c: Score(c) for c in candidates}
-    _score_windows(pm, windows, list(scores.values()), bound, cost, on_progress)
+    _score_windows(pm, windows, list(scores.values()), bound, cost, on_progress, batch=batch)
     return scores
 
 
@@ -739,6 +832,7 @@ def score_exact(
     seed_from: str = "previous step",
     cost: Cost | None = None,
     on_progress: Callable[[int], None] | None = None,
+    batch: int = 1,
 ) -> ExactResult:
     """Exact scores of `candidates` with early stopping: the winner and every finished NLL
     are those of plain scoring; losers may be stopped with a partial NLL.
@@ -761,6 +855,11 @@ def score_exact(
       shard has the same bound and records exactly the unsharded scores of its candidates.
     start: scores already accumulated over earlier windows (not in `windows`), continued
       here (the screened step's confirmation).
+    batch: windows per forward (`window_groups`). A finished score is the same sum in the same
+      order for any batch; its terms may differ in the last bits where the batch shape changes
+      the kernels' rounding. Where a loser is stopped, and so its partial record, can move
+      with the batch (`_add_batch_nll`); the seed's first window and the head bound's seed
+      choice run one window at a time.
     """
     cost = cost if cost is not None else Cost()
     candidates = list(candidates)
@@ -774,7 +873,7 @@ def score_exact(
         return [scores[c] for c in names if scores[c].status == "done"]
 
     if not early_stop or not candidates:
-        _score_windows(pm, windows, live(owned), None, cost, on_progress)
+        _score_windows(pm, windows, live(owned), None, cost, on_progress, batch=batch)
         return result
     seed = next((c for c in prefer if c in scores and scores[c].status == "done"), None)
     columns = usable_head_bound(pm, head_bound)
@@ -795,10 +894,10 @@ def score_exact(
         elif scores[seed].status != "done":
             seed = None  # the preferred seed went non-finite; shards do not know the others' first window
     if seed is None:  # nothing finite bounds the others
-        _score_windows(pm, rest, live(owned), None, cost, on_progress)
+        _score_windows(pm, rest, live(owned), None, cost, on_progress, batch=batch)
         return result
     masses: list[torch.Tensor] | None = [] if columns and rest else None
-    _score_windows(pm, rest, [scores[seed]], None, cost, on_progress, masses=masses)
+    _score_windows(pm, rest, [scores[seed]], None, cost, on_progress, masses=masses, batch=batch)
     total = scores[seed]
     bound = total.nll_sum if total.status == "done" else None
     result.seed, result.seed_from, result.bound = seed, seed_from, bound
@@ -811,9 +910,9 @@ def score_exact(
         chosen = [[bound_columns(m, x, n) for m, x in zip(masses, window_batches(pm, rest))]
                   for n in bound_stages(pm, columns)]
         result.head_bound = columns
-        _score_bounded(pm, rest, live(others), bound, chosen, cost, on_progress, first_states)
+        _score_bounded(pm, rest, live(others), bound, chosen, cost, on_progress, first_states, batch=batch)
         return result
-    _score_windows(pm, rest, live(others), bound, cost, on_progress)
+    _score_windows(pm, rest, live(others), bound, cost, on_progress, batch=batch)
     return result
 
 

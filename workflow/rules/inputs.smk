@@ -53,6 +53,15 @@ def step_command(wildcards):
             + (f" --candidates-by-bi {by_bi}" if by_bi else ""))
 
 
+def engine_options(wildcards):
+    """The scoring engine's settings of a BlockPruner step (`--head-bound-columns`,
+    `--window-batch`); baselines take none."""
+    if config["methods"][wildcards.method]["algorithm"] != "blockpruner":
+        return ""
+    search = config["search"]
+    return f"--head-bound-columns {search['head_bound_columns']} --window-batch {search['window_batch']}"
+
+
 def step_inputs(wildcards, input):
     """`--model DIR --calib DIR [--prev step_<k-1>.json]` of a scoring job (derived from its inputs)."""
     prev = f" --prev {shlex.quote(input.prev[0])}" if input.prev else ""

@@ -18,8 +18,7 @@ rule search_step:
         command=step_command,
         candidates=lookup(dpath="methods/{method}/candidates", within=config),
         numerics=config["numerics"],
-        head_bound=lambda wildcards: (f"--head-bound-columns {config['search']['head_bound_columns']}"
-                                      if config["methods"][wildcards.method]["algorithm"] == "blockpruner" else ""),
+        engine=engine_options,
         device_map=option("--device-map", "models/{model}/device_map"),
         inputs=step_inputs,
         code=lambda wildcards: code_hash(step_command(wildcards).split()[0]),
@@ -36,7 +35,7 @@ rule search_step:
         **job_resources("search_step"),
     shell:
         "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli {params.command} {params.inputs}"
-        " --k {wildcards.k} --candidates {params.candidates} {params.head_bound} --numerics {params.numerics}"
+        " --k {wildcards.k} --candidates {params.candidates} {params.engine} --numerics {params.numerics}"
         " {params.device_map} --device auto"
         " --no-progress"
         " --out {output.step:q} > {log} 2>&1"
@@ -55,8 +54,7 @@ rule search_shard:
         command=step_command,
         candidates=lookup(dpath="methods/{method}/candidates", within=config),
         numerics=config["numerics"],
-        head_bound=lambda wildcards: (f"--head-bound-columns {config['search']['head_bound_columns']}"
-                                      if config["methods"][wildcards.method]["algorithm"] == "blockpruner" else ""),
+        engine=engine_options,
         device_map=option("--device-map", "models/{model}/device_map"),
         inputs=step_inputs,
         code=code_hash("step"),
@@ -74,7 +72,7 @@ rule search_shard:
         **job_resources("search_step"),
     shell:
         "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli {params.command} {params.inputs}"
-        " --k {wildcards.k} --candidates {params.candidates} {params.head_bound} --numerics {params.numerics}"
+        " --k {wildcards.k} --candidates {params.candidates} {params.engine} --numerics {params.numerics}"
         " {params.device_map} --device auto"
         " --no-progress"
         " --shard {wildcards.shard}/{wildcards.nshards} --out {output.shard:q} > {log} 2>&1"
