@@ -4,13 +4,15 @@ Zhong et al., "BlockPruner: Fine-grained Pruning for Large Language Models", ACL
 The package holds the algorithm; the Snakemake workflow in `workflow/` only chains its stages.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["__version__", "load_pruned"]
 
 
 def __getattr__(name: str):
     """Lazy top-level helpers, so `import blockpruner` stays free of torch / transformers."""
     if name == "load_pruned":
-        from .export.materialize import load_pruned
+        from .modeling.pruned import load_pruned
 
         return load_pruned
     raise AttributeError(f"module 'blockpruner' has no attribute {name!r}")

@@ -18,7 +18,8 @@ from blockpruner.blocks import PrunableModel, tie_order
 from blockpruner.errors import UserError
 from blockpruner.report import analyses
 from blockpruner.search.baselines import METHODS, baseline_step, settings_for
-from blockpruner.search.greedy import StepSettings, read_step, write_step
+from blockpruner.search.greedy import StepSettings
+from blockpruner.steps import read_step, write_step
 from blockpruner.search.importance import js_scores, js_to_dense, residual_metrics
 
 from .conftest import tiny_model
@@ -140,7 +141,7 @@ def test_bi_rm_equal_forward_hook_reference(arch):
     pm.remove(["attn.1"])
     got = residual_metrics(pm, wins)
     want = hook_metrics(pm.model, wins, arch)
-    from blockpruner.search.scoring import layer_influence  # the search's BI screening agrees
+    from blockpruner.search.importance import layer_influence  # the search's BI screening agrees
 
     assert layer_influence(pm, wins) == pytest.approx({i: got["bi"][f"layer.{i}"].value for i in range(3)}, rel=1e-9)
     assert abs(got["bi"]["attn.1"].value) < 1e-12  # removed: output = input
@@ -297,7 +298,7 @@ def test_settings_and_budget_errors():
 def study3(tmp_path):
     """A prepared 3-layer llama and a calibration artifact for it."""
     from blockpruner.data.calibration import CalibrationSpec, sample_calibration
-    from blockpruner.data.sources import write_manifest
+    from blockpruner.model_dir import write_manifest
 
     from .conftest import word_tokenizer
     from .test_calibration import CharTokenizer
@@ -603,9 +604,9 @@ def test_gemma_shortgpt_vs_relative_magnitude(gemma_dir, tmp_path, capsys):
     assert is_png(tmp_path / "ratio.png") and len(read_csv(tmp_path / "ratio.csv")) == 6
     # Figure 1 on the same window: its layer BI / RM orders are the one-shot rankings
     from blockpruner.data.calibration import load_calibration
-    from blockpruner.data.sources import load_prepared
+    from blockpruner.model_dir import load_model_dir
 
-    pm = PrunableModel.wrap(load_prepared(gemma_dir, device="cpu", tokenizer=False)[0])
+    pm = PrunableModel.wrap(load_model_dir(gemma_dir, device="cpu", tokenizer=False)[0])
     fig1 = analyses.bi_layer_vs_block(pm, load_calibration(calib).windows, tmp_path / "bi.csv", tmp_path / "bi.png")
     assert len(fig1) == 18 and len(read_csv(tmp_path / "bi.csv")) == 18 and is_png(tmp_path / "bi.png")
     for method, metric in (("shortgpt", "bi"), ("relative-magnitude", "rm")):

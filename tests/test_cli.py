@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-import blockpruner.data.sources
+import blockpruner.model_dir
 from blockpruner.cli import main
 from blockpruner.data.calibration import CalibrationSpec, sample_calibration
-from blockpruner.data.sources import write_manifest
+from blockpruner.model_dir import write_manifest
 
 from .conftest import tiny_model
 from .test_calibration import CharTokenizer
@@ -37,7 +37,7 @@ def forbid_model_loading(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded although the input is bad")
 
-    monkeypatch.setattr(blockpruner.data.sources, "load_prepared", boom)
+    monkeypatch.setattr(blockpruner.model_dir, "load_model_dir", boom)
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", boom)
 
 

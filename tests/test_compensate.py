@@ -16,10 +16,11 @@ from blockpruner.compensate.export import compensate
 from blockpruner.compensate.fit import fit, plan_targets
 from blockpruner.compensate.fold import applied, fold
 from blockpruner.data.calibration import CalibrationSpec, load_calibration, sample_calibration
-from blockpruner.data.sources import prepare_model, read_manifest
+from blockpruner.data.sources import prepare_model
+from blockpruner.model_dir import read_manifest
 from blockpruner.errors import UserError
-from blockpruner.export.materialize import load_pruned
-from blockpruner.search.greedy import write_step
+from blockpruner.modeling.pruned import load_pruned
+from blockpruner.steps import write_step
 
 from .conftest import tiny_model, word_tokenizer
 from .test_export import remote_load, step_record
@@ -150,7 +151,7 @@ def prepared_with_calibration(root: Path, arch: str, layers: int = 4, **over) ->
     text = root / "calib.txt"
     text.write_text("\n".join(" ".join(f"t{i}" for i in torch.randint(4, 96, (30,), generator=g).tolist())
                               for _ in range(8)))
-    from blockpruner.data.sources import load_tokenizer
+    from blockpruner.model_dir import load_tokenizer
 
     sample_calibration(CalibrationSpec(str(text), nsamples=8, seqlen=24), load_tokenizer(root / "prepared"),
                        root / "calib")
@@ -209,7 +210,7 @@ def test_cli_compensate_and_its_refusals(tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("loaded a model before refusing")
 
-    monkeypatch.setattr("blockpruner.data.sources.load_prepared", boom)
+    monkeypatch.setattr("blockpruner.model_dir.load_model_dir", boom)
     monkeypatch.setattr("blockpruner.compensate.export.materialize", boom)
     capsys.readouterr()
     for extra, pattern in ((["--method", "ridge"], "unknown compensation method 'ridge'"),
@@ -225,7 +226,7 @@ def test_cli_compensate_and_its_refusals(tmp_path, capsys, monkeypatch):
 
 def test_compensation_aware_scores_equal_fitting_each_candidate_directly():
     from blockpruner.compensate.search import pair_sums, score_with_compensation
-    from blockpruner.search.scoring import current_nll
+    from blockpruner.engine.forward import current_nll
 
     model = tiny_model("gemma3_text", num_hidden_layers=4)
     pm = PrunableModel.wrap(model)
@@ -250,6 +251,7 @@ def test_compensation_aware_step_chooses_the_best_compensated_candidate(arch, tm
     lowest calibration NLL, each computed here by fitting on a fresh copy, applying the
     correction at run time (hooks; folding equals it, tested above) and a full forward. mlp.1 echoes a per-channel scale of attn.1: on llama its loss is exactly recoverable,
     so the compensation-aware step removes it where the plain step does not."""
+    from blockpruner.compensate.search import step_scorer
     from blockpruner.search.greedy import StepSettings, candidate_blocks, load_previous, search_step
 
     def make():
@@ -261,7 +263,8 @@ def test_compensation_aware_step_chooses_the_best_compensated_candidate(arch, tm
     windows = random_windows(3)
     settings = StepSettings(candidates="mlp", compensation="scale", compensation_alpha=0.0)  # attn.1 feeds mlp.1: kept
     inputs = {"model_hash": "m", "calibration_hash": "c"}
-    rec = search_step(PrunableModel.wrap(make()), windows, 1, [], settings, inputs, progress=False)
+    rec = search_step(PrunableModel.wrap(make()), windows, 1, [], settings, inputs, progress=False,
+                      score_compensated=step_scorer(0.0))
     want = {}
     for c in candidate_blocks(3, [], "mlp"):
         pm = PrunableModel.wrap(make())

@@ -47,7 +47,7 @@ def tiny_tokenizer(vocab_size: int = 96):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from blockpruner.data.sources import write_manifest
+    from blockpruner.model_dir import write_manifest
 
     out = tmp_path_factory.mktemp("tiny") / "prepared"
     model = tiny_model("llama")
@@ -67,12 +67,12 @@ def rows_file(tmp_path):
 @pytest.fixture()
 def no_model_load(monkeypatch):
     """Fail the test if anything tries to load model weights."""
-    import blockpruner.data.sources
+    import blockpruner.model_dir
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(blockpruner.data.sources, "load_prepared", refuse)
+    monkeypatch.setattr(blockpruner.model_dir, "load_model_dir", refuse)
 
 
 # ---------------------------------------------------------------- WikiText-2

@@ -13,10 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from blockpruner.adapters import adapter_for
 from blockpruner.blocks import PrunableModel, parse_block
-from blockpruner.data.sources import load_prepared, prepare_model, read_manifest
+from blockpruner.model_dir import load_model_dir, read_manifest
+from blockpruner.data.sources import prepare_model
 from blockpruner.errors import UserError
 from blockpruner.export import decilm, materialize
-from blockpruner.search.greedy import StepSettings, search_step, write_step
+from blockpruner.search.greedy import StepSettings, search_step
+from blockpruner.steps import write_step
 
 from .conftest import ARCHS, tiny_model, word_tokenizer
 
@@ -174,10 +176,10 @@ def test_attention_module_renumbered(materialised):
     assert not hasattr(loaded.model.layers[3], "pre_feedforward_layernorm")
 
 
-def test_load_prepared_reads_materialised_dir(materialised):
-    """Later stages load models with sources.load_prepared: the pruned dir has a manifest too."""
+def test_load_model_dir_reads_materialised_dir(materialised):
+    """Later stages load models with model_dir.load_model_dir: the pruned dir has a manifest too."""
     model, _, pruned, _ = materialised("llama")
-    loaded, tok, manifest = load_prepared(pruned)
+    loaded, tok, manifest = load_model_dir(pruned)
     assert manifest["num_layers"] == 4 and manifest["pruning"]["removed"] == PATTERN
     with torch.no_grad():
         torch.testing.assert_close(loaded(PROMPT).logits, model(PROMPT).logits, atol=1e-5, rtol=0)
@@ -201,7 +203,7 @@ def test_blockpruner_perplexity_of_materialised_model(materialised):
 def test_real_search_steps(tmp_path):
     """Three greedy steps on a tiny model, then materialise the last artifact."""
     prep, _ = prepared_tiny(tmp_path, "qwen3", layers=4)
-    model, _, manifest = load_prepared(prep)
+    model, _, manifest = load_model_dir(prep)
     pm = PrunableModel.wrap(model)
     g = torch.Generator().manual_seed(0)
     windows = [torch.randint(3, 96, (10,), generator=g) for _ in range(2)]
@@ -224,14 +226,14 @@ def test_bf16_model_stays_bf16(tmp_path):
     word_tokenizer().save_pretrained(tmp_path / "src")
     prep = tmp_path / "prepared"
     prepare_model(str(tmp_path / "src"), prep, dtype="bf16")
-    dense, _, _ = load_prepared(prep)
+    dense, _, _ = load_model_dir(prep)
     removed = ["mlp.1", "attn.0"]
     write_step(tmp_path / "step.json", step_record(dense, prep, removed))
     materialize.materialize(prep, tmp_path / "step.json", tmp_path / "pruned")
     PrunableModel.wrap(dense).set_removed(removed)
     assert read_manifest(tmp_path / "pruned")["dtype"] == "bf16"
     with torch.no_grad():
-        for loaded in (materialize.load_pruned(tmp_path / "pruned"), load_prepared(tmp_path / "pruned")[0]):
+        for loaded in (materialize.load_pruned(tmp_path / "pruned"), load_model_dir(tmp_path / "pruned")[0]):
             assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
             torch.testing.assert_close(loaded(PROMPT).logits, dense(PROMPT).logits, atol=0, rtol=0)
 
@@ -430,7 +432,7 @@ def test_decilm_refuses_other_layouts(tmp_path, materialised):
 # -- the real Gemma 3 270M -------------------------------------------------------------------------
 @pytest.mark.gemma
 def test_gemma_round_trip(gemma_dir, tmp_path):
-    model, _, manifest = load_prepared(gemma_dir)
+    model, _, manifest = load_model_dir(gemma_dir)
     # attn.0 out, layer 5 (full attention) gone, layer 9 MLP-only, one more MLP
     removed = ["attn.0", "mlp.5", "attn.5", "attn.9", "mlp.12"]
     rec = step_record(model, gemma_dir, removed)

@@ -14,7 +14,7 @@ import torch
 
 from blockpruner.blocks import PrunableModel
 from blockpruner.data.calibration import CalibrationSpec, load_calibration, sample_calibration
-from blockpruner.data.sources import load_prepared, read_manifest
+from blockpruner.model_dir import load_model_dir, read_manifest
 from blockpruner.eval.wikitext import perplexity
 from blockpruner.search.greedy import StepSettings, search_step
 
@@ -32,7 +32,7 @@ def test_prepared_gemma_manifest(gemma_dir):
 
 def test_dense_wikitext_perplexity_is_plausible(gemma_dir):
     require_shared()
-    model, tok, _ = load_prepared(gemma_dir)
+    model, tok, _ = load_model_dir(gemma_dir)
     rows = [json.loads(line)["text"] for line in (DATA / "wikitext2" / "test.rows.jsonl").open()][:60]
     ids = tok("\n\n".join(rows), return_tensors="pt").input_ids[0]
     windows = [ids[i * 128:(i + 1) * 128] for i in range(2)]
@@ -47,7 +47,7 @@ def test_dense_wikitext_perplexity_is_plausible(gemma_dir):
 
 def test_one_search_step_on_alpaca(gemma_dir, tmp_path):
     require_shared()
-    model, tok, manifest = load_prepared(gemma_dir)
+    model, tok, manifest = load_model_dir(gemma_dir)
     spec = CalibrationSpec(str(ALPACA), nsamples=4, seqlen=64, max_windows=1)
     m = sample_calibration(spec, tok, tmp_path / "calib")
     assert m["windows"] == 1 and m["sampled_indices"] == sample_calibration(spec, tok, tmp_path / "again")["sampled_indices"]

@@ -9,18 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import blockpruner.search.scoring as scoring
+import blockpruner.search.exact as exact
 from blockpruner.blocks import PrunableModel
+from blockpruner.engine.cost import Cost, FlopModel
+from blockpruner.engine.forward import head_nll
+from blockpruner.engine.head_bound import BoundWindow, bound_columns, head_lower_bound, rounding_allowance
+from blockpruner.search.exact import score_candidates
 from blockpruner.search.greedy import StepSettings, gather_shards, search_step
-from blockpruner.search.scoring import (
-    BoundWindow,
-    Cost,
-    FlopModel,
-    bound_columns,
-    head_lower_bound,
-    head_nll,
-    score_candidates,
-)
 
 from .conftest import tiny_model
 from .test_search import brute_force_greedy
@@ -92,7 +87,7 @@ def test_bound_never_exceeds_the_true_nll(arch, scale):
             assert 0.0 <= lower <= want and lower <= computed, (trial, n, lower, want, computed)
             if n == VOCAB:  # every column: the bound is the NLL up to the rounding allowance
                 z = normed[0, :-1].double() @ head.weight.double().T
-                allowance = scoring.rounding_allowance(pm, normed[0, :-1], z, BoundWindow.of(head, cols)).sum().item()
+                allowance = rounding_allowance(pm, normed[0, :-1], z, BoundWindow.of(head, cols)).sum().item()
                 assert want - lower <= allowance + 1e-6 * (1 + want)  # want: float32 logits, rounded too
 
 
@@ -153,7 +148,7 @@ def test_per_sample_windows_and_no_cache(monkeypatch):
     ws = wins(lengths=[12, 5, 16, 2, 9], seed=7)
     on, off = run(pm, ws, 2, columns=8), run(pm, ws, 2, columns=0)
     same_results(on, off)
-    monkeypatch.setattr(scoring, "BOUND_CACHE_BYTES", 0)  # survivors' blocks run again
+    monkeypatch.setattr(exact, "BOUND_CACHE_BYTES", 0)  # survivors' blocks run again
     again = run(pm, ws, 2, columns=8)
     assert [r["scores"] for r in again] == [r["scores"] for r in on]
     assert sum(r["cost"]["block_forwards"] for r in again) >= sum(r["cost"]["block_forwards"] for r in on)
@@ -208,8 +203,8 @@ def test_survivors_are_cut_window_by_window(trained, monkeypatch):
     those finishing with the full head are cut as soon as their exact NLL so far plus the
     lower bounds of the windows ahead exceeds the seed's total -- never one that could win."""
     pm, ws = trained
-    true_bound = scoring.head_lower_bound
-    monkeypatch.setattr(scoring, "head_lower_bound", lambda *a, **k: 0.5 * true_bound(*a, **k))
+    true_bound = exact.head_lower_bound
+    monkeypatch.setattr(exact, "head_lower_bound", lambda *a, **k: 0.5 * true_bound(*a, **k))
     on, off = run(pm, ws, 2, columns=32), run(pm, ws, 2, columns=0, early_stop=False)
     same_results(on, off)
     assert [s for s in bounded_scores(on, off) if s["tokens"] > 0]  # exact on some windows, bounded on the rest

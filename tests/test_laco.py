@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from blockpruner.compress import laco
 from blockpruner.data.calibration import CalibrationSpec, load_calibration, sample_calibration
-from blockpruner.data.sources import load_prepared, load_tokenizer, prepare_model, read_manifest
+from blockpruner.model_dir import load_model_dir, load_tokenizer, read_manifest
+from blockpruner.data.sources import prepare_model
 from blockpruner.errors import UserError
 
 from .conftest import ALPACA, require_shared, tiny_model, word_tokenizer
@@ -82,7 +83,7 @@ def test_one_merge_equals_rdsc_by_hand(tmp_path):
     assert rec["ratio"] == pytest.approx(2 * layer_params / rec["params_dense"])
     manifest = read_manifest(tmp_path / "out")
     assert manifest["num_layers"] == 3 and manifest["parameters"] == rec["params_pruned"]
-    model, _, _ = load_prepared(tmp_path / "out")  # the evaluations' loader
+    model, _, _ = load_model_dir(tmp_path / "out")  # the evaluations' loader
     torch.testing.assert_close(logits(model), logits(reloaded))
 
 
@@ -92,9 +93,9 @@ def test_collapse_in_memory_equals_saved_gemma3(tmp_path):
     m = laco.compress(model_dir, calib_dir, tmp_path / "out", ratio=0.1,
                       settings={"merge_layers": 2, "lowest_layer": 0, "threshold": -1.0, "layers": 2, "samples": 2})
     rec = m
-    dense, _, _ = load_prepared(model_dir)
+    dense, _, _ = load_model_dir(model_dir)
     types = dense.config.layer_types
-    in_memory, _, _ = load_prepared(model_dir)
+    in_memory, _, _ = load_model_dir(model_dir)
     windows = load_calibration(calib_dir).windows[:2]
     kept, _ = laco.collapse(in_memory, windows, laco.LacoSettings(merge_layers=2, lowest_layer=0, threshold=-1.0), 2)
     assert kept == rec["kept_layers"] and len(kept) == 4
@@ -141,7 +142,7 @@ def test_real_gemma3_270m(gemma_dir, tmp_path):
     assert rec["ratio"] == pytest.approx(2 * dense_layer / rec["params_dense"]) and 0.01 < rec["ratio"] < 0.05
     assert all(t["similarity"] > 0 for t in rec["merges"])
 
-    in_memory, _, _ = load_prepared(gemma_dir)
+    in_memory, _, _ = load_model_dir(gemma_dir)
     windows = load_calibration(tmp_path / "calib").windows[:2]
     settings = laco.LacoSettings(layers=2, samples=2, threshold=0.0)
     kept, _ = laco.collapse(in_memory, windows, settings, 2)

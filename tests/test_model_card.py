@@ -11,11 +11,11 @@ import torch
 import yaml
 
 from blockpruner.blocks import PrunableModel
-from blockpruner.data import sources
-from blockpruner.data.sources import read_manifest
+from blockpruner import model_dir
+from blockpruner.model_dir import read_manifest
 from blockpruner.export import materialize
 from blockpruner.export.model_card import ModelCard, card_from_dir, evaluation_from_files, model_card_text
-from blockpruner.search.greedy import write_step
+from blockpruner.steps import write_step
 
 from .test_export import PATTERN, PROMPT, prepared_tiny, remote_load, step_record, tensor_names
 
@@ -135,7 +135,7 @@ def test_bad_block_lists_refused_in_one_line_before_loading(pruned_pair, tmp_pat
     def not_loaded(*a, **k):
         raise AssertionError("the model was loaded before the block list was checked")
 
-    monkeypatch.setattr(sources, "load_prepared", not_loaded)
+    monkeypatch.setattr(model_dir, "load_model_dir", not_loaded)
     args = [str(root / "step_5.json") if a == "STEP" else a for a in args]
     capsys.readouterr()
     assert main(["materialize", "--model", str(prep), "--out", str(tmp_path / "out"), *args]) == 2

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from blockpruner.export import materialize
-from blockpruner.search.greedy import write_step
+from blockpruner.steps import write_step
 
 from .conftest import ROOT
 from .test_export import PATTERN, prepared_tiny, step_record

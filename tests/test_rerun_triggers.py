@@ -120,7 +120,8 @@ def test_code_rerun_triggers_cover_what_each_command_reads(tmp_path):
     if update:  # every command hashes nothing until the table is known
         (main / TABLE).write_text(yaml.safe_dump({c.name: [] for c in COMMANDS}))
     trace = tmp_path / "trace"
-    env = {"BLOCKPRUNER_TRACE_FILES": str(trace)}
+    env = {"BLOCKPRUNER_TRACE_FILES": str(trace),  # workflow/scripts/trace/sitecustomize.py records the reads
+           "PYTHONPATH": os.pathsep.join([str(main / "workflow" / "scripts" / "trace"), os.environ.get("PYTHONPATH", "")])}
     run_snakemake(main, "--cores", "2", "--resources", "gpu=0", "--configfile", cfg, timeout=1200, env=env)
     commands_of = rule_commands(main, cfg)
     commands_of = {rule: cmds for rule, cmds in commands_of.items() if cmds}
@@ -152,7 +153,7 @@ def test_code_rerun_triggers_cover_what_each_command_reads(tmp_path):
         for c in cmds:
             for f in table[c]:
                 read_by[f].add(rule)
-    assert read_by["search/scoring.py"] >= {"search_step", "search_shard", "analyze_bi", "benchmark_search"}
+    assert read_by["engine/forward.py"] >= {"search_step", "search_shard", "analyze_bi", "benchmark_search"}
     assert read_by["report/analyses.py"] >= {"analyze_study"}
 
     def edited(rel: str, text: str):

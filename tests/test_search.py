@@ -10,8 +10,11 @@ import torch
 from blockpruner.blocks import PrunableModel, tie_order
 from blockpruner.errors import UserError
 from blockpruner.eval.wikitext import perplexity
-from blockpruner.search.greedy import StepSettings, candidate_blocks, search_step, steps_to_ratio
-from blockpruner.search.scoring import Cost, current_nll, score_candidates
+from blockpruner.search.greedy import StepSettings, candidate_blocks, search_step
+from blockpruner.steps import steps_to_ratio
+from blockpruner.engine.cost import Cost
+from blockpruner.engine.forward import current_nll
+from blockpruner.search.exact import score_candidates
 
 from .conftest import ARCHS, tiny_model
 

@@ -13,11 +13,14 @@ import torch
 from blockpruner.blocks import PrunableModel
 from blockpruner.cli import main
 from blockpruner.data.calibration import CalibrationSpec, load_calibration, sample_calibration
-from blockpruner.data.sources import write_manifest
+from blockpruner.model_dir import write_manifest
 from blockpruner.errors import UserError
 from blockpruner.report.search_speed import tiny_windows
-from blockpruner.search.greedy import StepSettings, gather_shards, load_previous, parse_shard, read_step, search_step, write_step
-from blockpruner.search.scoring import Cost, FlopModel, causal_pairs, layer_influence, score_candidates
+from blockpruner.search.greedy import StepSettings, gather_shards, load_previous, parse_shard, search_step
+from blockpruner.steps import read_step, write_step
+from blockpruner.engine.cost import Cost, FlopModel, causal_pairs
+from blockpruner.search.exact import score_candidates
+from blockpruner.search.importance import layer_influence
 
 from .conftest import ROOT, tiny_model
 from .test_calibration import CharTokenizer
@@ -102,7 +105,7 @@ def test_early_stop_same_sequence_fewer_forwards(trained):
 
 def test_bound_also_stops_inside_a_window(monkeypatch):
     """Between head chunks: with 16-token chunks a window is stopped part-way, exactly."""
-    import blockpruner.search.scoring as ev
+    import blockpruner.engine.forward as ev
 
     monkeypatch.setattr(ev, "head_chunk_tokens", lambda vocab, device=None: 4)
     pm = PrunableModel.wrap(tiny_model("llama", seed=5, num_hidden_layers=3))

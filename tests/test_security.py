@@ -17,13 +17,8 @@ import torch
 
 from blockpruner.artifacts import write_json
 from blockpruner.cli import main
-from blockpruner.data.sources import (
-    FORMAT,
-    load_prepared,
-    load_tokenizer,
-    prepare_model,
-    read_manifest,
-)
+from blockpruner.model_dir import FORMAT, load_model_dir, load_tokenizer, read_manifest
+from blockpruner.data.sources import prepare_model
 from blockpruner.errors import UserError
 
 from .conftest import tiny_model, word_tokenizer
@@ -205,7 +200,7 @@ def test_trusted_prepare_runs_the_code_and_records_the_choice(trusted):
     assert manifest["trust_remote_code"] is True
     assert manifest["model_type"] == "baichuan" and manifest["architecture"] == "TinyBaichuanForCausalLM"
     assert json.loads((prepared / "config.json").read_text())["auto_map"] == AUTO_MAP
-    loaded, tok, _ = load_prepared(prepared)  # no flag: the manifest trusts it
+    loaded, tok, _ = load_model_dir(prepared)  # no flag: the manifest trusts it
     assert type(loaded).__name__ == "TinyBaichuanForCausalLM" and tok("t5 t9").input_ids == [5, 9]
     ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -255,7 +250,7 @@ def test_untrusted_manifest_refuses_later_loads(trusted, tmp_path):
                "in config.json: configuration_tinybc.TinyBaichuanConfig, modeling_tinybc.TinyBaichuanForCausalLM) but "
                "its manifest.json does not trust it; prepare it again with --trust-remote-code "
                "(workflow: models.<name>.trust_remote_code: true)")
-    for load in (load_prepared, load_tokenizer):
+    for load in (load_model_dir, load_tokenizer):
         with pytest.raises(UserError) as e:
             load(copy)
         assert str(e.value) == message
@@ -265,7 +260,7 @@ def test_untrusted_manifest_refuses_later_loads(trusted, tmp_path):
 def test_remote_base_cannot_be_materialised(trusted):
     """Pruned directories load only with built-in base classes; a remote-code base is refused in one line."""
     from blockpruner.export.materialize import materialize
-    from blockpruner.search.greedy import write_step
+    from blockpruner.steps import write_step
 
     root, _, prepared, _, _ = trusted
     manifest = read_manifest(prepared)
@@ -298,9 +293,10 @@ def test_ordinary_model_same_with_or_without_trust(tmp_path):
 # -- pruned directories never run their own code -------------------------------------------------
 def test_load_pruned_never_runs_the_directory_code(tmp_path):
     from blockpruner.blocks import PrunableModel
-    from blockpruner.eval.speed import load_any
-    from blockpruner.export.materialize import MODELING_FILE, load_pruned, materialize
-    from blockpruner.search.greedy import write_step
+    from blockpruner.model_dir import load_model_dir
+    from blockpruner.modeling.pruned import MODELING_FILE, load_pruned
+    from blockpruner.export.materialize import materialize
+    from blockpruner.steps import write_step
 
     model = tiny_model("llama", num_hidden_layers=4)
     model.save_pretrained(tmp_path / "src")
@@ -325,7 +321,7 @@ def test_load_pruned_never_runs_the_directory_code(tmp_path):
     with (pruned / MODELING_FILE).open("a", encoding="utf-8") as f:
         f.write(f"\n\nimport pathlib\npathlib.Path({str(marker)!r}).write_text('tampered code ran')\n")
     with torch.no_grad():
-        for loaded in (load_pruned(pruned), load_prepared(pruned)[0], load_any(pruned, "cpu")):
+        for loaded in (load_pruned(pruned), load_model_dir(pruned)[0], load_model_dir(pruned, tokenizer=False)[0]):
             torch.testing.assert_close(loaded(ids).logits, want, atol=0, rtol=0)
     load_tokenizer(pruned)
     assert not marker.exists()

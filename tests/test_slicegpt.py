@@ -11,7 +11,8 @@ import torch
 
 from blockpruner.compress import slicegpt
 from blockpruner.data.calibration import CalibrationSpec, load_calibration, sample_calibration
-from blockpruner.data.sources import load_prepared, prepare_model, read_manifest
+from blockpruner.model_dir import load_model_dir, read_manifest
+from blockpruner.data.sources import prepare_model
 from blockpruner.errors import UserError
 
 from .conftest import tiny_config, tiny_model, word_tokenizer
@@ -154,13 +155,13 @@ def test_saved_directory_reloads_to_the_same_logits(compressed):
 
     root, manifest = compressed
     windows = load_calibration(root / "calib").windows[:8]
-    dense, _, _ = load_prepared(root / "prepared", dtype="fp32", tokenizer=False)
+    dense, _, _ = load_model_dir(root / "prepared", dtype="fp32", tokenizer=False)
     in_memory = logits(slicegpt.slice_model(dense, windows, manifest["sliced_size"]))
     remote = AutoModelForCausalLM.from_pretrained(root / "sliced", trust_remote_code=True, dtype=torch.float32).eval()
     assert type(remote).__name__ == "SlicedForCausalLM"
     torch.testing.assert_close(logits(remote), in_memory, atol=1e-5, rtol=0)
     torch.testing.assert_close(logits(slicegpt.load_sliced(root / "sliced")), in_memory, atol=1e-5, rtol=0)
-    prepared_loader, _, _ = load_prepared(root / "sliced", tokenizer=False)  # manifest trusts its own modeling file
+    prepared_loader, _, _ = load_model_dir(root / "sliced", tokenizer=False)  # manifest trusts its own modeling file
     torch.testing.assert_close(logits(prepared_loader), in_memory, atol=1e-5, rtol=0)
 
 

@@ -12,7 +12,7 @@ from blockpruner.cli import main
 from blockpruner.errors import UserError
 from blockpruner.eval import speed
 from blockpruner.export import materialize
-from blockpruner.search.greedy import write_step
+from blockpruner.steps import write_step
 
 from .test_export import prepared_tiny, step_record
 
@@ -85,10 +85,10 @@ def test_timings_and_speedup_follow_a_controlled_clock(pruned_llama, monkeypatch
     cost = {str(prep): 0.5, str(pruned): 0.125}
     slow_call = {str(prep): 5}
     forwards = {str(prep): 0, str(pruned): 0}
-    load_any = speed.load_any
+    load = speed.load_model_dir
 
-    def load_with_clock(path, device):
-        model = load_any(path, device)
+    def load_with_clock(path, device, tokenizer):
+        model, _, manifest = load(path, device=device, tokenizer=tokenizer)
         path, state = str(path), {"calls": 0, "factor": 1.0}
 
         def tick(module, args):
@@ -105,10 +105,10 @@ def test_timings_and_speedup_follow_a_controlled_clock(pruned_llama, monkeypatch
 
         model.register_forward_pre_hook(tick)
         model_generate, model.generate = model.generate, generate
-        return model
+        return model, None, manifest
 
     monkeypatch.setattr(speed, "time", clock)
-    monkeypatch.setattr(speed, "load_any", load_with_clock)
+    monkeypatch.setattr(speed, "load_model_dir", load_with_clock)
     r = speed.measure(pruned, prep, prompt_tokens=8, new_tokens=4, repeats=3, warmup=2, device="cpu", threads=1)
     # per model: 2 warm-up generations, 3 timed prefills, 3 timed generations, 1 memory run
     assert forwards == {str(prep): 2 * 4 + 3 + 3 * 4 + 4, str(pruned): 2 * 4 + 3 + 3 * 4 + 4}
@@ -139,9 +139,9 @@ def test_bad_arguments(pruned_llama, kwargs, match):
 @pytest.mark.gemma
 def test_gemma_speed(gemma_dir, tmp_path):
     """Gemma 3 270M minus 5 blocks (3 attention) vs dense, a few tokens on this machine."""
-    from blockpruner.data.sources import load_prepared
+    from blockpruner.model_dir import load_model_dir
 
-    model, _, _ = load_prepared(gemma_dir)
+    model, _, _ = load_model_dir(gemma_dir)
     rec = step_record(model, gemma_dir, ["attn.0", "mlp.5", "attn.5", "attn.9", "mlp.12"])
     del model
     write_step(tmp_path / "step_5.json", rec)

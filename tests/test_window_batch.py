@@ -11,7 +11,8 @@ import torch
 from blockpruner.blocks import PrunableModel
 from blockpruner.errors import UserError
 from blockpruner.search.greedy import StepSettings, search_step
-from blockpruner.search.scoring import score_candidates, window_groups
+from blockpruner.engine.forward import window_groups
+from blockpruner.search.exact import score_candidates
 
 from .conftest import BLOCK_ARCHS, tiny_model
 from .test_search import brute_force_greedy, hf_nll
@@ -111,9 +112,9 @@ def test_window_batch_is_checked_before_work():
 def test_a_stop_between_head_chunks_covers_every_row_of_the_batch(monkeypatch):
     """Cut between head chunks, a batch's rows are all partial: the record holds the same
     number of positions of each row and no whole window."""
-    import blockpruner.search.scoring as scoring
+    import blockpruner.engine.forward as forward
 
-    monkeypatch.setattr(scoring, "head_chunk_tokens", lambda vocab, device=None: 6)  # 2 positions a chunk at B = 3
+    monkeypatch.setattr(forward, "head_chunk_tokens", lambda vocab, device=None: 6)  # 2 positions a chunk at B = 3
     pm = PrunableModel.wrap(tiny_model("llama", seed=2, num_hidden_layers=4))
     wins = windows([12] * 6, seed=4)
     full = score_candidates(pm, wins, pm.names)

@@ -292,7 +292,7 @@ def test_gpu_wrapper_cpu_and_slurm(tmp_path):
 def fake_study(root: Path) -> list[Path]:
     """Step and evaluation artifacts of a tiny made-up study, in the workflow's layout."""
     from blockpruner.artifacts import write_json
-    from blockpruner.search.greedy import FORMAT
+    from blockpruner.steps import FORMAT
 
     files, removed = [], []
     for k, block in enumerate(["attn.5", "mlp.3", "attn.7"], 1):
@@ -461,7 +461,7 @@ def test_sharded_search_equals_unsharded(tmp_path, monkeypatch):
     calibration (apart from cost, timing and the shard record) and records both shards.
     (Chaining sharded steps, K = 2, is tests/test_search_speed.py::test_two_shards_equal_unsharded.)"""
     from blockpruner.cli import main
-    from blockpruner.search.greedy import read_step
+    from blockpruner.steps import read_step
 
     target = "results/search/tiny/c/blockpruner/step_1.json"
     two, cfg2 = tiny_study(tmp_path, "two", lambda c: c["search"].update(shards=2))

@@ -18,7 +18,8 @@ from ..adapters import adapter_for
 from ..artifacts import atomic_dir, read_json
 from ..blocks import PrunableModel
 from ..errors import UserError
-from ..export.materialize import WEIGHTS_FILE, load_pruned, materialize, plan_layers, pruned_tensors
+from ..export.materialize import WEIGHTS_FILE, materialize, plan_layers, pruned_tensors
+from ..modeling.pruned import load_pruned
 from ..export.model_card import calibration_facts, card_from_dir, write_model_card
 from .fit import check_method, fit
 from .fold import check_foldable, fold
@@ -43,7 +44,7 @@ def compensate(model_dir: str | Path, step_json: str | Path, calib_dir: str | Pa
     from safetensors.torch import save_file
 
     from ..data.calibration import load_calibration
-    from ..data.sources import load_prepared, read_manifest, write_manifest
+    from ..model_dir import load_model_dir, write_manifest
 
     alpha = check_request(model_dir, method, alpha)
     if max_windows is not None and max_windows <= 0:
@@ -57,7 +58,7 @@ def compensate(model_dir: str | Path, step_json: str | Path, calib_dir: str | Pa
         pruning = pruned_manifest["pruning"]
         removed = pruning["removed"]
 
-        model, _, manifest = load_prepared(model_dir, device="cpu", tokenizer=False)
+        model, _, manifest = load_model_dir(model_dir, device="cpu", tokenizer=False)
         pm = PrunableModel.wrap(model)
         corrections = fit(pm, windows, removed, method, alpha)
         if guarded:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ..blocks import PrunableModel
-from ..search.scoring import current_nll
+from ..engine.forward import current_nll
 from .fit import Correction
 from .fold import applied
 

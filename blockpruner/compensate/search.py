@@ -20,9 +20,25 @@ import torch
 
 from ..blocks import PrunableModel, block_index
 from ..errors import UserError
-from ..search.scoring import Cost, Score, current_nll
+from ..engine.cost import Cost
+from ..engine.forward import Score, current_nll
 from .fit import Correction, Stats, Target, block_contributions, check_method, plan_targets, solve, skipped
 from .fold import applied
+
+
+def step_scorer(alpha: float):
+    """What a compensation-aware search step scores its candidates with (`search_step`'s
+    `score_compensated`): pair sums on the dense model, then each candidate with its own
+    correction. Returns a function (pm, windows, removed, candidates, cost, on_progress)."""
+
+    def score(pm: PrunableModel, windows: Sequence[torch.Tensor], removed: list[str], candidates: list[str],
+              cost: Cost, on_progress: Callable[[int], None] | None = None) -> dict[str, Score]:
+        pm.set_removed([])
+        gram, tokens = pair_sums(pm, windows, cost)
+        pm.set_removed(removed)
+        return score_with_compensation(pm, windows, candidates, gram, tokens, alpha, cost, on_progress)
+
+    return score
 
 
 @torch.no_grad()

@@ -247,7 +247,8 @@ def compress(model_dir: Path, calib_dir: Path, out_dir: Path, *, ratio: float, s
     from safetensors.torch import save_file
 
     from ..data.calibration import load_calibration
-    from ..data.sources import load_prepared, read_manifest, resolve_device, write_manifest
+    from ..model_dir import load_model_dir, read_manifest, write_manifest
+    from ..devices import resolve_device
     from ..artifacts import atomic_dir
     from ..export.materialize import WEIGHTS_FILE, KeptLayer, pruned_tensors
     from ..export.model_card import ModelCard, calibration_facts, source_facts, write_model_card
@@ -270,7 +271,7 @@ def compress(model_dir: Path, calib_dir: Path, out_dir: Path, *, ratio: float, s
     windows = calib.windows[: cfg.samples]
 
     started = time.perf_counter()
-    model, tok, _ = load_prepared(model_dir, device=resolve_device(device))
+    model, tok, _ = load_model_dir(model_dir, device=resolve_device(device))
     adapter = adapter_for(model.config.model_type)
     dense_total, dense_no_embed = param_counts(model, adapter)
     layer_params = [sum(p.numel() for p in layer.parameters()) for layer in get_path(model, adapter.layers)]

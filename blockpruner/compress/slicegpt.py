@@ -36,7 +36,6 @@ embedding scale is a scalar, which commutes with any rotation.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +45,9 @@ from torch import nn
 
 from ..adapters import Adapter, adapter_for, get_path
 from ..errors import UserError
-from . import sliced_modeling
-from .sliced_modeling import FORMAT, WeightlessRMSNorm
-
-MODELING_FILE = "modeling_slicegpt.py"
+from ..modeling import sliced_modeling
+from ..modeling.sliced import MODELING_FILE, load_sliced, modeling_source
+from ..modeling.sliced_modeling import FORMAT, WeightlessRMSNorm
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_SETTINGS = {"calibration_windows": None, "round_to": 8, "slice_head": False, "dtype_pca": "float64"}
 
@@ -246,7 +244,7 @@ def rotate_and_slice(model, windows: Sequence[torch.Tensor], width: int, *, slic
     `attn_shortcut_Q` / `mlp_shortcut_Q` and the weights have their sliced shapes.
     """
     from ..blocks import PrunableModel
-    from ..search.scoring import capture_window
+    from ..engine.forward import capture_window
 
     adapter = adapter_for(model.config.model_type)
     linears = LINEARS[model.config.model_type]
@@ -348,41 +346,6 @@ def slice_model(model, windows: Sequence[torch.Tensor], width: int, *, slice_hea
 
 
 # -- directories -------------------------------------------------------------------------------
-def modeling_source(config_cls: type, model_cls: type) -> str:
-    """`sliced_modeling.py` bound to one base architecture."""
-    from ..export.materialize import bound_modeling_source
-
-    return bound_modeling_source(sliced_modeling, config_cls, model_cls, "SlicedConfig, SlicedForCausalLM",
-                                 "blockpruner.compress.slicegpt")
-
-
-def read_sliced_config(path: str | Path) -> dict:
-    f = Path(path) / "config.json"
-    if not f.exists():
-        raise UserError(f"{path}: no config.json; give a directory written by SliceGPT compression")
-    d = json.loads(f.read_text(encoding="utf-8"))
-    if d.get("slicegpt", {}).get("format") != FORMAT:
-        raise UserError(f"{path}: not a SliceGPT-sliced model (config.json has no {FORMAT} record)")
-    return d
-
-
-def load_sliced(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a sliced directory with blockpruner's own classes (the directory's Python is never run)."""
-    import transformers
-
-    rec = read_sliced_config(path)["slicegpt"]
-    bases = [getattr(transformers, rec[k], None) for k in ("base_config", "base_architecture")]
-    if None in bases:
-        raise UserError(f"this transformers ({transformers.__version__}) has no {rec['base_config']} / "
-                        f"{rec['base_architecture']}; install the version the model was sliced with")
-    cfg_cls, lm_cls = sliced_modeling.make_classes(*bases)
-    try:
-        model = lm_cls.from_pretrained(str(path), config=cfg_cls.from_pretrained(str(path)), dtype=dtype)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return model.to(device).eval()
-
-
 def resolve_settings(settings: dict | None) -> dict:
     """Settings with defaults filled in; unknown keys and bad values refused."""
     settings = dict(settings or {})
@@ -414,7 +377,7 @@ def compress(model_dir: Path, calib_dir: Path, out_dir: Path, *, ratio: float, s
     from safetensors.torch import save_file
 
     from ..data.calibration import load_calibration
-    from ..data.sources import load_prepared, read_manifest, write_manifest
+    from ..model_dir import load_model_dir, read_manifest, write_manifest
     from ..artifacts import atomic_dir
     from ..export.model_card import ModelCard, calibration_facts, source_facts, write_model_card
 
@@ -427,7 +390,7 @@ def compress(model_dir: Path, calib_dir: Path, out_dir: Path, *, ratio: float, s
     calib = load_calibration(calib_dir)
     windows = calib.windows[: s["calibration_windows"]] if s["calibration_windows"] else calib.windows
 
-    model, tok, _ = load_prepared(model_dir, dtype="fp32", device=device)
+    model, tok, _ = load_model_dir(model_dir, dtype="fp32", device=device)
     config = model.config
     width = sliced_width(config, ratio, round_to=s["round_to"], slice_head=s["slice_head"])
     params_dense = sum(p.numel() for p in model.parameters())

@@ -9,7 +9,7 @@ A source is one of
 
 `prepare_model` loads the source once and writes, atomically, model + tokenizer + `manifest.json`
 (source, architecture, layer count, parameter count, sha256 of every weight file and one
-content hash over them). Later stages call `load_prepared`, which checks the manifest and
+content hash over them). Later stages call `model_dir.load_model_dir`, which checks the manifest and
 the weight files' sizes before loading.
 
 Remote code: a model repository may ship Python (`auto_map` in config.json) that transformers
@@ -29,16 +29,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from ..adapters import adapter_for, text_config
-from ..artifacts import atomic_dir, atomic_write_text, read_json, sha256_file, sha256_text, write_json
+from ..adapters import adapter_for
+from ..artifacts import atomic_dir, atomic_write_text, read_json, sha256_file, write_json
+from ..devices import torch_dtype
 from ..errors import UserError
 from ..gguf_vocab import VOCAB_FILE, write_vocab_file
+from ..model_dir import FORMAT, TRUST_FIX, auto_tokenizer, remote_code_reason, verify_weights, write_manifest
 
-FORMAT = "blockpruner.model/1"
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 CACHE = Path(os.environ.get("BLOCKPRUNER_CACHE", Path.home() / ".cache" / "blockpruner"))
 
 
@@ -47,13 +44,6 @@ class Source:
     kind: str  # local | hub | gguf | pypi
     location: str  # directory, hub id, .gguf path, or package name
     gguf_file: str | None = None
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise UserError(f"unknown dtype {name!r}; use one of: fp32, bf16, fp16") from None
 
 
 def resolve(spec: str) -> Source:
@@ -97,31 +87,6 @@ def _hub_error(src: Source, e: Exception) -> UserError:
         f"cannot load {src.location!r} from the Hugging Face Hub ({e.__class__.__name__}); offline, download it "
         "elsewhere (`huggingface-cli download ID --local-dir DIR`) and pass DIR as the model source"
     )
-
-
-TRUST_WORKFLOW = "workflow: models.<name>.trust_remote_code: true"
-TRUST_FIX = f"pass --trust-remote-code ({TRUST_WORKFLOW})"
-
-
-def remote_code_reason(config: dict) -> str | None:
-    """Why loading this config.json would run the model's own Python, or None when it names none.
-
-    `auto_map` names the repository's classes, which transformers imports when trusted (even
-    for a model_type it knows, whose built-in class may not match the weights); a model_type
-    transformers does not know can only be built from them.
-    """
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    parts = []
-    model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        parts.append(f"model_type {model_type!r} is not built into transformers")
-    auto_map = config.get("auto_map")
-    if auto_map:
-        names = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
-        flat = [n for v in names for n in (v if isinstance(v, (list, tuple)) else [v]) if n]
-        parts.append(f"auto_map in config.json: {', '.join(map(str, flat))}")
-    return "; ".join(parts) if auto_map else None
 
 
 def check_remote_code(config: dict, what: str, trusted: bool) -> None:
@@ -174,19 +139,6 @@ def load_config(spec: str, trust_remote_code: bool = False):
     return cfg, src
 
 
-def _auto_tokenizer(location: str | Path, what: str, fix: str, **kwargs):
-    """AutoTokenizer; its ValueError for a tokenizer whose own code is untrusted becomes one line naming the fix."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(location, **kwargs)
-    except ValueError as e:
-        if "trust_remote_code" not in str(e):
-            raise
-        raise UserError(f"model {what}: its tokenizer ships its own code (auto_map in tokenizer_config.json); "
-                        f"it runs only if you trust it: {fix}") from None
-
-
 def prepare_model(spec: str, out_dir: str | Path, dtype: str = "fp32", trust_remote_code: bool = False) -> dict:
     """Load any source once and write a local safetensors directory with a manifest.
 
@@ -209,7 +161,7 @@ def prepare_model(spec: str, out_dir: str | Path, dtype: str = "fp32", trust_rem
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
     try:  # the tokenizer first: one whose code is untrusted is refused before the weights are read
-        tok = _auto_tokenizer(src.location, spec, TRUST_FIX, trust_remote_code=trust_remote_code,
+        tok = auto_tokenizer(src.location, spec, TRUST_FIX, trust_remote_code=trust_remote_code,
                               **({"gguf_file": src.gguf_file} if src.gguf_file else {}))
         model = AutoModelForCausalLM.from_pretrained(src.location, **kwargs)
     except OSError as e:
@@ -287,134 +239,3 @@ def drop_gguf_quantization_config(directory: Path) -> None:
         atomic_write_text(f, json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
-def weight_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.safetensors"))
-
-
-def write_manifest(out: Path, model, source: str, dtype: str, extra: dict | None = None,
-                   trust_remote_code: bool = False) -> dict:
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in weight_files(out)}
-    adapter = adapter_for(model.config.model_type)
-    manifest = {
-        "source": source,
-        "trust_remote_code": bool(trust_remote_code),  # later loads of this directory follow it
-        "model_type": model.config.model_type,
-        "architecture": type(model).__name__,
-        "num_layers": text_config(model.config, adapter).num_hidden_layers,
-        "num_blocks": 2 * text_config(model.config, adapter).num_hidden_layers,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": dtype,
-        "files": files,
-        "content_hash": sha256_text(json.dumps({k: v["sha256"] for k, v in files.items()}, sort_keys=True)),
-        **(extra or {}),
-    }
-    return write_json(out / "manifest.json", manifest, FORMAT)
-
-
-def read_manifest(directory: str | Path) -> dict:
-    """The manifest of a prepared model, with its weight files checked by size."""
-    directory = Path(directory)
-    if not (directory / "manifest.json").exists():
-        raise UserError(f"{directory}: not a prepared model (no manifest.json); run `blockpruner prepare-model` first")
-    manifest = read_json(directory / "manifest.json", FORMAT)
-    for name, info in manifest["files"].items():
-        f = directory / name
-        if not f.exists() or f.stat().st_size != info["bytes"]:
-            raise UserError(f"{f}: missing or not the size its manifest records; prepare the model again")
-    return manifest
-
-
-def verify_weights(directory: str | Path) -> None:
-    """Full content check: re-hash every weight file (slow for large models)."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    for name, info in manifest["files"].items():
-        if sha256_file(directory / name) != info["sha256"]:
-            raise UserError(f"{directory / name}: content does not match its manifest's sha256; prepare the model again")
-
-
-def _directory_config(directory: str | Path) -> dict:
-    f = Path(directory) / "config.json"
-    if not f.exists():
-        raise UserError(f"{directory}: no config.json; prepare the model again")
-    return json.loads(f.read_text(encoding="utf-8"))
-
-
-def is_pruned(directory: str | Path) -> bool:
-    """A directory written by `materialize` (loaded with the package's own modeling code, never the directory's)."""
-    from ..export.materialize import FORMAT as PRUNED_FORMAT
-
-    pruning = _directory_config(directory).get("pruning")
-    return isinstance(pruning, dict) and pruning.get("format") == PRUNED_FORMAT
-
-
-def is_sliced(directory: str | Path) -> bool:
-    """A directory written by SliceGPT compression (loaded with the package's own classes, never the directory's)."""
-    from ..compress.sliced_modeling import FORMAT as SLICED_FORMAT
-
-    record = _directory_config(directory).get("slicegpt")
-    return isinstance(record, dict) and record.get("format") == SLICED_FORMAT
-
-
-def trusts_remote_code(directory: str | Path, manifest: dict) -> bool:
-    """The manifest's remote-code choice; a directory that needs code its manifest does not trust is refused."""
-    trusted = bool(manifest.get("trust_remote_code", False))
-    if not trusted and not is_pruned(directory) and not is_sliced(directory):
-        why = remote_code_reason(_directory_config(directory))
-        if why:
-            raise UserError(f"model {directory} ships its own modeling code ({why}) but its manifest.json does not "
-                            f"trust it; prepare it again with --trust-remote-code ({TRUST_WORKFLOW})")
-    return trusted
-
-
-def load_tokenizer(directory: str | Path, manifest: dict | None = None):
-    """The tokenizer of a prepared or pruned directory, running its code only if the manifest trusts it."""
-    from transformers import AutoConfig
-
-    manifest = manifest if manifest is not None else read_manifest(directory)
-    kwargs = {"trust_remote_code": trusts_remote_code(directory, manifest)}
-    if is_pruned(directory) or is_sliced(directory):  # config.json names the package's own modeling file
-        kwargs["config"] = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-    return _auto_tokenizer(directory, str(directory), f"prepare it again with --trust-remote-code ({TRUST_WORKFLOW})",
-                           **kwargs)
-
-
-def load_prepared(directory: str | Path, dtype: str | None = None, device: str = "cpu", device_map: str | None = None,
-                  tokenizer: bool = True):
-    """Load a prepared (or materialised) model directory -> (model in eval mode, tokenizer or None, manifest).
-
-    Remote code runs only if the manifest trusts it; a materialised directory is loaded by
-    `load_pruned` and a SliceGPT-sliced one by `load_sliced`, which never run the directory's code.
-    """
-    from transformers import AutoModelForCausalLM
-
-    manifest = read_manifest(directory)
-    if is_pruned(directory):
-        from ..export.materialize import load_pruned
-
-        model = load_pruned(directory, dtype or manifest["dtype"], device, device_map=device_map)
-    elif is_sliced(directory):
-        from ..compress.slicegpt import load_sliced
-
-        if device_map:
-            raise UserError(f"{directory}: a SliceGPT model loads on one device; drop --device-map")
-        model = load_sliced(directory, torch_dtype(dtype or manifest["dtype"]), resolve_device(device))
-    else:
-        kwargs = {"dtype": torch_dtype(dtype or manifest["dtype"]),
-                  "trust_remote_code": trusts_remote_code(directory, manifest)}
-        if device_map:
-            kwargs["device_map"] = device_map
-        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-        if not device_map:
-            model.to(resolve_device(device))
-        model.eval()
-    tok = load_tokenizer(directory, manifest) if tokenizer else None
-    return model, tok, manifest
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={device!r} but no CUDA device is visible; use --device cpu (or auto)")
-    return device

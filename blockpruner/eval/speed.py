@@ -25,7 +25,6 @@ cache reduction (1 - model bytes / baseline bytes).
 from __future__ import annotations
 
 import gc
-import json
 import os
 import statistics
 import threading
@@ -35,24 +34,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..model_dir import load_model_dir
 
 FORMAT = "blockpruner.speed/1"
-
-
-# -- loading ----------------------------------------------------------------------------------------
-def load_any(model_dir: str | Path, device: str):
-    """A prepared dense model or a materialised pruned one, in eval mode on `device`."""
-    from ..data.sources import load_prepared
-    from ..export.materialize import FORMAT as PRUNED_FORMAT
-    from ..export.materialize import load_pruned
-
-    path = Path(model_dir)
-    if not (path / "config.json").exists():
-        raise UserError(f"{path}: no config.json; give a prepared or materialised model directory")
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    if config.get("pruning", {}).get("format") == PRUNED_FORMAT:
-        return load_pruned(path, device=device)
-    return load_prepared(path, device=device)[0]
 
 
 # -- memory and time --------------------------------------------------------------------------------
@@ -206,7 +190,7 @@ def measure(model_dir: str | Path, baseline_dir: str | Path | None = None, promp
     `threads` sets torch's CPU thread count for the run (restored after); on a shared machine
     fewer threads than cores avoids the OpenMP spinning that makes timings meaningless.
     """
-    from ..data.sources import resolve_device
+    from ..devices import resolve_device
 
     for name, value, low in (("prompt_tokens", prompt_tokens, 1), ("new_tokens", new_tokens, 1),
                              ("repeats", repeats, 1), ("warmup", warmup, 0), ("threads", threads or 1, 1)):
@@ -231,7 +215,7 @@ def _measure(model_dir, baseline_dir, prompt_tokens: int, new_tokens: int, repea
     for role, path in (("baseline", baseline_dir), ("model", model_dir)):
         if path is None:
             continue
-        model = load_any(path, device)
+        model, _, _ = load_model_dir(path, device=device, tokenizer=False)
         text = model.config.get_text_config()
         if vocab is None:
             vocab = text.vocab_size

@@ -18,7 +18,7 @@ from ..adapters import get_path
 from ..artifacts import sha256_file, write_json
 from ..blocks import PrunableModel
 from ..errors import UserError
-from ..search.scoring import head_nll, model_device, perplexity_of
+from ..engine.forward import head_nll, model_device, perplexity_of
 
 FORMAT_PPL = "blockpruner.eval_ppl/1"
 
@@ -98,7 +98,7 @@ def wikitext_perplexity(model_dir: str | Path, data: str, seqlen: int = 2048, ma
     = windows x (seqlen - 1) (each window predicts all but its first token), `stream_tokens` =
     length of the whole tokenized test stream, and ppl = exp(nll_sum / predicted_tokens).
     """
-    from ..data.sources import load_prepared, load_tokenizer, read_manifest
+    from ..model_dir import load_model_dir, load_tokenizer, read_manifest
     from ..numerics import Numerics
 
     _check_ppl_args(seqlen, max_windows, batch_size)
@@ -107,7 +107,7 @@ def wikitext_perplexity(model_dir: str | Path, data: str, seqlen: int = 2048, ma
     manifest = read_manifest(model_dir)
     rows, info = load_wikitext_rows(data, hub_config, split)
     windows, stream = wikitext_windows(load_tokenizer(model_dir, manifest), rows, seqlen, max_windows)
-    model, _, _ = load_prepared(model_dir, dtype, device, tokenizer=False)
+    model, _, _ = load_model_dir(model_dir, dtype, device, tokenizer=False)
     result = perplexity(mode.apply(PrunableModel.wrap(model)), windows, batch_size=batch_size, progress=progress)
     return {
         "model": str(model_dir),

@@ -159,7 +159,8 @@ def run_tasks(model_dir: str | Path, tasks: str | list[str], local_data: str | P
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from ..data.sources import load_prepared, read_manifest, resolve_device
+    from ..model_dir import load_model_dir, read_manifest
+    from ..devices import resolve_device
     from ..numerics import Numerics
 
     names = parse_task_names(tasks)
@@ -170,7 +171,7 @@ def run_tasks(model_dir: str | Path, tasks: str | list[str], local_data: str | P
     manifest = read_manifest(model_dir)
     device = resolve_device(device)
     loaded = load_tasks(names, local_data)
-    model, tok, _ = load_prepared(model_dir, dtype, device)  # remote code only as its manifest says
+    model, tok, _ = load_model_dir(model_dir, dtype, device)  # remote code only as its manifest says
     lm = make_lm(model, tok, manifest, batch_size, device, BOS_CHOICES[add_bos_token])
     # the tasks go in built; an empty TaskManager keeps simple_evaluate from indexing every task again
     results = lm_eval.simple_evaluate(model=lm, tasks=[loaded[n] for n in names], num_fewshot=num_fewshot, limit=limit,

@@ -29,7 +29,8 @@ import torch
 from ..adapters import adapter_for
 from ..artifacts import atomic_dir
 from ..errors import UserError
-from .materialize import MODELING_FILE, WEIGHTS_FILE, read_pruned_config
+from ..modeling.pruned import MODELING_FILE, read_pruned_config
+from .materialize import WEIGHTS_FILE
 
 # -- Nemotron-NAS (DeciLM) serving layout ----------------------------------------------------------
 # Reference for every key below: the config.json of nvidia/Llama-3_3-Nemotron-Super-49B-v1

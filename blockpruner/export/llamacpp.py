@@ -42,7 +42,7 @@ from ..data.sources import CACHE
 from ..errors import UserError
 from ..gguf_vocab import VOCAB_FILE, add_fields, tokenizer_fields
 from .decilm import DeciLayer, pack_layers, packed_layer_tensors
-from .materialize import read_pruned_config
+from ..modeling.pruned import read_pruned_config
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 ZERO_FFN_WIDTH = 32  # the block size of q8_0/q4_0/q5_0, so a placeholder quantises like any FFN
@@ -306,7 +306,7 @@ CHECK_TEXT = ("Removing a block skips its whole residual branch, so the model th
 
 def verify(model_dir: Path, f32: Path, n_tokens: int) -> dict:
     """Refuse a file llama.cpp computes differently from the directory (f32 weights and KV cache)."""
-    from ..data.sources import load_tokenizer
+    from ..model_dir import load_tokenizer
 
     ids = load_tokenizer(model_dir)(CHECK_TEXT)["input_ids"][:n_tokens]
     c = check_gguf(model_dir, f32, ids)
@@ -339,9 +339,9 @@ def gguf_logits(path: str | Path, ids: list[int], f32_kv: bool = True, threads: 
 def check_gguf(model_dir: str | Path, path: str | Path, ids: list[int]) -> dict:
     """llama.cpp's logits on `ids` against the directory's own (fp32, as `load_pruned` loads a pruned
     one): max |difference| and on how many positions the argmax agrees."""
-    from ..data.sources import load_prepared
+    from ..model_dir import load_model_dir
 
-    model = load_prepared(model_dir, dtype="fp32", tokenizer=False)[0]
+    model = load_model_dir(model_dir, dtype="fp32", tokenizer=False)[0]
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].float().numpy()
     got = gguf_logits(path, ids)

@@ -8,10 +8,10 @@
   source layer and the blocks it still has) and per-layer config lists such as Gemma 3's
   `layer_types` follow them;
 - attention modules are renumbered among the remaining attention blocks, so the KV cache has
-  one slot per remaining attention block (see `pruned_modeling`);
+  one slot per remaining attention block (see `modeling.pruned_modeling`);
 - the directory carries its own modeling code (`modeling_blockpruner.py`, named in
   config.json's `auto_map`), so `AutoModelForCausalLM.from_pretrained(dir,
-  trust_remote_code=True)` loads it anywhere, and `load_pruned(dir)` loads it with no remote
+  trust_remote_code=True)` loads it anywhere, and `modeling.pruned.load_pruned(dir)` loads it with no remote
   code from the base transformers class plus the recorded pruning (it never imports the
   directory's Python, so a tampered `modeling_blockpruner.py` does not run);
 - config.json's `pruning` records the source, the removed blocks in removal order, the method
@@ -25,8 +25,6 @@
 
 from __future__ import annotations
 
-import inspect
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,12 +32,12 @@ import torch
 
 from ..adapters import Adapter, adapter_for
 from ..artifacts import atomic_dir
-from ..blocks import KINDS, parse_block
+from ..blocks import KINDS, PrunableModel, parse_block
+from ..engine.cost import Cost
 from ..errors import UserError
-from . import pruned_modeling
-
-FORMAT = "blockpruner.pruned/1"
-MODELING_FILE = "modeling_blockpruner.py"
+from ..modeling import pruned_modeling
+from ..modeling.pruned import FORMAT, MODELING_FILE, load_pruned, modeling_source
+from ..steps import read_step, step_record
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -177,21 +175,20 @@ def pruned_tensors(model, adapter: Adapter, plan: list[KeptLayer]) -> tuple[dict
 
 
 # -- directories ---------------------------------------------------------------------------------
-def bound_modeling_source(module, config_cls: type, model_cls: type, names: str, by: str) -> str:
-    """A self-contained modeling file: `module`'s source plus the lines binding its
-    `make_classes` to one base architecture as `names` (e.g. "XConfig, XForCausalLM")."""
-    return (
-        inspect.getsource(module).rstrip() + "\n\n\n"
-        f"# -- bound to the base architecture by {by} ".ljust(92, "-") + "\n"
-        f"from transformers import {config_cls.__name__} as _BaseConfig, {model_cls.__name__} as _BaseModel  # noqa: E402\n\n"
-        f"{names} = make_classes(_BaseConfig, _BaseModel)\n"
-    )
+def given_step(pm: PrunableModel, removed: list[str], method: str = "given", inputs: dict | None = None) -> dict:
+    """A step-like record for a block list that was given, not searched (`materialize --blocks`).
 
-
-def modeling_source(config_cls: type, model_cls: type) -> str:
-    """`pruned_modeling.py` bound to one base architecture."""
-    return bound_modeling_source(pruned_modeling, config_cls, model_cls, "BlockPrunerConfig, BlockPrunerForCausalLM",
-                                 "blockpruner.export")
+    The same record as a step's (`step_record`: removed blocks, attention / MLP counts, the
+    parameter counts of `pm.param_summary`), with no perplexity, scores or calibration, and
+    settings saying where the list came from. It is never written as a step artifact.
+    """
+    removed = pm.check(removed)
+    if not removed:
+        raise UserError("the given block list is empty; name at least one block, e.g. attn.5,mlp.6")
+    settings = {"method": method, "source_of_removals": "given"}
+    record = step_record(len(removed), removed[:-1], removed[-1], removed[-1:], 0.0, 1, pm.param_summary(removed), [],
+                         settings, inputs or {}, Cost(), {})
+    return record | {"ppl": None, "nll_sum": None, "tokens": None}
 
 
 def materialize(model_dir: str | Path, step_json: str | Path | None, out_dir: str | Path, method: str | None = None,
@@ -204,9 +201,8 @@ def materialize(model_dir: str | Path, step_json: str | Path | None, out_dir: st
     """
     from safetensors.torch import save_file
 
-    from ..blocks import PrunableModel
-    from ..data.sources import carry_tokenizer_files, load_prepared, read_manifest, write_manifest
-    from ..search.greedy import given_step, read_step
+    from ..data.sources import carry_tokenizer_files
+    from ..model_dir import load_model_dir, read_manifest, write_manifest
     from .model_card import write_model_card
 
     model_dir, out = Path(model_dir), Path(out_dir)
@@ -228,7 +224,7 @@ def materialize(model_dir: str | Path, step_json: str | Path | None, out_dir: st
         method = method or "blockpruner"
     plan = plan_layers(manifest["num_layers"], removed)
 
-    model, tok, _ = load_prepared(model_dir, device="cpu")
+    model, tok, _ = load_model_dir(model_dir, device="cpu")
     adapter = adapter_for(model.config.model_type)
     if step is None:  # the same parameter counts as a search step's, from the in-memory model
         step = given_step(PrunableModel.wrap(model), removed, method,
@@ -306,77 +302,3 @@ def pruning_card(model_dir: Path, manifest: dict, pruning: dict, step: dict, sum
 
 
 # -- loading without remote code ------------------------------------------------------------------
-def read_pruned_config(path: str | Path) -> dict:
-    f = Path(path) / "config.json"
-    if not f.exists():
-        raise UserError(f"{path}: no config.json; give a directory written by `blockpruner materialize`")
-    d = json.loads(f.read_text(encoding="utf-8"))
-    if "pruned_layers" not in d or d.get("pruning", {}).get("format") != FORMAT:
-        raise UserError(f"{path}: not a materialised pruned model (config.json has no {FORMAT} pruning record)")
-    return d
-
-
-def pruned_classes(d: dict) -> tuple[type, type]:
-    import transformers
-
-    rec = d["pruning"]
-    bases = [getattr(transformers, rec[k], None) for k in ("base_config", "base_architecture")]
-    if None in bases:
-        raise UserError(f"this transformers ({transformers.__version__}) has no {rec['base_config']} / "
-                        f"{rec['base_architecture']}; install the version the model was pruned with")
-    return pruned_modeling.make_classes(*bases)
-
-
-def check_weights(path: str | Path, model_cls: type, config) -> None:
-    """Compare the weight files' tensor names and shapes with the pruned structure, before loading."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{path}: no *.safetensors weight files")
-    have: dict[str, tuple] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), "pt") as sf:
-                for k in sf.keys():
-                    have[k] = tuple(sf.get_slice(k).get_shape())
-        except Exception as e:  # truncated or not a safetensors file
-            raise UserError(f"{f}: unreadable weight file ({e.__class__.__name__}: {e})") from None
-    with torch.device("meta"):
-        skeleton = model_cls(config)
-    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    tied = set(getattr(skeleton, "all_tied_weights_keys", None) or {})
-    missing = sorted(k for k in want if k not in have and k not in tied)
-    extra = sorted(k for k in have if k not in want)
-    wrong = sorted(f"{k} {have[k]} != {want[k]}" for k in have if k in want and have[k] != want[k])
-    for what, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)):
-        if keys:
-            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-            raise UserError(f"{path}: weights do not match the pruned structure in config.json: {what} "
-                            f"{', '.join(keys[:3])}{more}; materialise the model again")
-
-
-def load_pruned(path: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu",
-                device_map: str | None = None):
-    """Load a materialised pruned model without remote code (eval mode).
-
-    The model class is the base architecture's, from this transformers, with the pruning
-    recorded in config.json applied; weights are checked against it first. Nothing in the
-    directory is imported (config.json's auto_map is not followed), whatever its manifest says.
-    """
-    from ..data.sources import resolve_device, torch_dtype
-
-    d = read_pruned_config(path)
-    cfg_cls, lm_cls = pruned_classes(d)
-    config = cfg_cls.from_pretrained(str(path))
-    check_weights(path, lm_cls, config)
-    dtype = dtype or d.get("dtype") or "float32"
-    if isinstance(dtype, str):
-        dtype = torch_dtype(dtype)
-    try:
-        model = lm_cls.from_pretrained(str(path), config=config, dtype=dtype,
-                                       **({"device_map": device_map} if device_map else {}))
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return (model if device_map else model.to(resolve_device(device))).eval()

@@ -106,7 +106,7 @@ class Study:
                 if (rec := compression_record(p)) is not None:
                     self.compressed[label] = rec
             elif what == "step":
-                from ..search.greedy import read_step
+                from ..steps import read_step
 
                 steps[label[:3]].append(read_step(p))
                 self.paths[label[:3]].append(p)
@@ -116,7 +116,7 @@ class Study:
                     self.dense[model][kind] = read_json(p)
                 else:
                     self.evals[(model, *rest)][kind] = read_json(p)
-        from ..search.greedy import read_chain
+        from ..steps import read_chain
 
         self.chains: dict[Key, list[dict]] = {k: read_chain(v, "/".join(k)) for k, v in sorted(steps.items())}
         self.tasks: list[str] = []
@@ -141,7 +141,7 @@ class Study:
             self.by_k.setdefault((model, calib, method, k), {}).update(ev)
 
     def _resolve(self, pruning: str, chain: list[dict]) -> int:
-        from ..search.greedy import steps_to_ratio
+        from ..steps import steps_to_ratio
 
         if pruning.startswith("k") and pruning[1:].isdigit():
             return int(pruning[1:])

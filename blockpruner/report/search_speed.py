@@ -16,7 +16,7 @@ change in machine load hits all of them alike):
             [--candidates-by-bi R]); approximate, its agreement with `exact` is reported.
 
 Printed per method: removal sequence and whether it equals plain greedy's, block forwards,
-full LM-head tokens, head-bound token-columns, FLOPs (`scoring.FlopModel`), the FLOP-model predicted speed-up over plain
+full LM-head tokens, head-bound token-columns, FLOPs (`engine.cost.FlopModel`), the FLOP-model predicted speed-up over plain
 greedy, the measured wall-time (and CPU-time) speed-up, their ratio, and peak memory (RSS
 sampled during each method's steps on CPU; torch.cuda.max_memory_allocated on GPU).
 
@@ -45,7 +45,8 @@ from ..errors import UserError
 from ..eval.speed import RssSampler
 from ..search.greedy import StepSettings, candidate_blocks, search_step
 from ..search import HEAD_BOUND_COLUMNS
-from ..search.scoring import Cost, head_nll, stack_windows, window_batch_for, window_groups
+from ..engine.cost import Cost
+from ..engine.forward import head_nll, stack_windows, window_batch_for, window_groups
 
 METHODS = ("plain", "prefix", "exact", "bounded", "screened")
 EXACT_METHODS = ("prefix", "exact", "bounded")  # must choose plain greedy's sequence
@@ -306,10 +307,10 @@ def run_cli(a: argparse.Namespace) -> dict:
         what = f"tiny random Llama: {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}"
     else:
         from ..data.calibration import load_calibration
-        from ..data.sources import load_prepared
+        from ..model_dir import load_model_dir
 
         windows = load_calibration(a.calib).windows
-        model, _, _ = load_prepared(a.model, a.dtype, a.device, None, tokenizer=False)
+        model, _, _ = load_model_dir(a.model, a.dtype, a.device, None, tokenizer=False)
         what = f"{a.model} ({model.config.model_type})"
     if a.max_windows:
         windows = windows[: a.max_windows]

@@ -64,7 +64,7 @@ def sequence_rows(steps: list[dict]) -> list[dict]:
 
 
 def write_sequence(out: str | Path, step_paths: list[str | Path]) -> list[dict]:
-    from ..search.greedy import read_steps
+    from ..steps import read_steps
 
     rows = sequence_rows(read_steps(step_paths))
     write_csv(out, rows)
@@ -116,7 +116,7 @@ def resolve_k(pruning: str, steps: list[dict], ratio_of: str) -> int | None:
         return int(pruning[1:])
     if not steps:
         return None
-    from ..search.greedy import steps_to_ratio
+    from ..steps import steps_to_ratio
 
     return steps_to_ratio(steps, float(pruning[1:]), "ratio_no_embed" if ratio_of == "no_embed" else "ratio")
 
@@ -158,7 +158,7 @@ def collect(paths: list[str | Path], ratio_of: str = "all") -> tuple[list[dict],
             kind, *label = key
             row = evals.setdefault(tuple(label), Row(*label))
             row.evals[kind] = read_json(p)
-    from ..search.greedy import read_steps
+    from ..steps import read_steps
 
     chains = {key: read_steps(ps) for key, ps in step_paths.items()}
     tasks: list[str] = []

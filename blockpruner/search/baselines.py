@@ -48,7 +48,8 @@ from dataclasses import dataclass
 
 from ..blocks import PrunableModel
 from ..errors import UserError
-from .greedy import StepSettings, check_budget, step_record
+from ..steps import step_record
+from .greedy import StepSettings, check_budget
 
 log = logging.getLogger("blockpruner.baselines")
 
@@ -137,7 +138,7 @@ def check_step(settings: StepSettings, num_layers: int, k: int, removed: list[st
 def rank_for(pm: PrunableModel, windows, m: Method, units: list[str], cost):
     """Ranked UnitScores (lowest first) of `units` on the model as it stands."""
     from .importance import UnitScore, js_scores, rank_units, residual_metrics, unit_nll
-    from .scoring import score_candidates
+    from .exact import score_candidates
 
     if m.metric == "ppl" and m.level == "block":
         scores = score_candidates(pm, windows, units, cost=cost)
@@ -156,7 +157,8 @@ def baseline_step(pm: PrunableModel, windows, k: int, removed: list[str], settin
                   prev: dict | None = None, progress: bool = True) -> dict:
     """One step of a baseline method on top of `removed` (step k-1's removals); returns the record."""
     from .importance import unit_blocks
-    from .scoring import Cost, current_nll
+    from ..engine.cost import Cost
+    from ..engine.forward import current_nll
 
     m = method_of(settings.method)
     if m.name == "blockpruner":
@@ -195,7 +197,7 @@ def baseline_step(pm: PrunableModel, windows, k: int, removed: list[str], settin
     params = pm.param_summary(now)
     metric = {"name": m.metric, "level": m.level, "oneshot": m.oneshot, "value": chosen["value"]}
     timing = {"elapsed_s": time.perf_counter() - t0, "select_s": select_s, "pruning_s": pruning_s}
-    record = step_record(k, removed, unit, new, nll_sum, tokens, params, ranking, settings, inputs, cost, timing,
+    record = step_record(k, removed, unit, new, nll_sum, tokens, params, ranking, settings.as_dict(), inputs, cost, timing,
                          removed_blocks=True, metric=metric)
     pm.set_removed(removed)
     log.info("%s step %d: removed %s (%s %.6g) -> calibration ppl %.4f (ratio %.2f%%)", m.name, k, unit, m.metric,

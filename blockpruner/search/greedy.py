@@ -11,7 +11,7 @@ reference implementation's enumeration order. Non-finite candidates are recorded
 chosen; a step in which every candidate is non-finite stops with an error.
 
 Exact steps (`mode: exact`, the default) choose exactly the block plain greedy chooses.
-By default they stop losers early (`scoring.score_exact`): the candidate ranked best by
+By default they stop losers early (`exact.score_exact`): the candidate ranked best by
 the previous step (`prev`) is scored first and its total bounds the others; a candidate
 whose running NLL exceeds it is recorded with status "stopped" and its partial NLL. The
 chosen block and every finished NLL are those of scoring everything (`early_stop=False`).
@@ -54,28 +54,30 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import __version__
-from ..artifacts import read_json, write_json
+from ..version import __version__
 from ..blocks import PrunableModel, block_names, parse_block, tie_order
-from ..compensate.fit import check_method
-from ..compensate.search import pair_sums, score_with_compensation
 from ..errors import UserError
 from ..numerics import Numerics
 from . import HEAD_BOUND_COLUMNS
-from .scoring import Cost, Score, layer_influence, perplexity_of, rank, score_candidates, score_exact
+from ..engine.cost import Cost
+from ..engine.forward import Score, rank
+from ..steps import read_step, step_record
+from .exact import score_candidates, score_exact
+from .importance import layer_influence
 
-FORMAT = "blockpruner.step/1"
-SHARD_FORMAT = "blockpruner.step-shard/1"
 CANDIDATE_SETS = ("all", "attn", "mlp")
 MODES = ("exact", "screened")
 SCREEN_FIELDS = ("screen_windows", "confirm_top", "bi_candidates")
 COMPENSATIONS = ("none", "scale")
 NOT_COMPARED = ("head_bound_columns", "window_batch")  # recorded, but a step may continue one made with another value
 log = logging.getLogger("blockpruner.search")
+# (pm, windows, removed, candidates, cost, on_progress) -> each candidate's score with its correction
+CompensatedScorer = Callable[[PrunableModel, Sequence, list, list, Cost, Callable[[int], None]], dict]
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,8 @@ class StepSettings:
     head_bound_columns: int = HEAD_BOUND_COLUMNS  # LM-head columns per window of the head bound; 0 = off
     numerics: str = "fp32"  # fp32 | official-bf16 (blockpruner.numerics)
     compensation: str = "none"  # none | scale: score each candidate with its correction applied
-    compensation_alpha: float | None = None  # scale: the pull toward 1 (None: compensate.fit's default)
-    window_batch: int = 1  # calibration windows per forward (scoring.window_groups)
+    compensation_alpha: float | None = None  # scale: the pull toward 1 (compensate.fit.check_method resolves it)
+    window_batch: int = 1  # calibration windows per forward (engine.forward.window_groups)
 
     @classmethod
     def make(cls, candidates: str = "all", screen_windows: int | None = None, confirm_top: int | None = None,
@@ -130,7 +132,10 @@ class StepSettings:
         if self.compensation != "none":
             if self.mode != "exact" or self.method != "blockpruner":
                 raise UserError("a compensation-aware step is an exact BlockPruner step; drop the screening options")
-            check_method(self.compensation, self.compensation_alpha)
+            alpha = self.compensation_alpha
+            if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+                raise UserError(f"compensation_alpha must be a finite number >= 0, got {alpha!r} "
+                                "(compensate.fit.check_method gives the method's default)")
         if not isinstance(self.window_batch, int) or self.window_batch < 1:
             raise UserError(f"window_batch must be a positive integer (windows per forward), got {self.window_batch!r}")
         if not isinstance(self.head_bound_columns, int) or self.head_bound_columns < 0:
@@ -149,7 +154,7 @@ class StepSettings:
         if self.compensation == "none":  # as before compensation-aware steps existed
             del d["compensation"], d["compensation_alpha"]
         else:
-            d["compensation_alpha"] = check_method(self.compensation, self.compensation_alpha)
+            d["compensation_alpha"] = float(self.compensation_alpha)
         if self.window_batch == 1:  # as before batched windows existed
             del d["window_batch"]
         return d
@@ -178,7 +183,7 @@ def load_previous(prev: str | Path | None, k: int, model_hash: str, calib_hash: 
         return [], None
     if not prev:
         raise UserError(f"step {k} needs --prev pointing at step_{k - 1}.json")
-    step = read_json(prev, FORMAT)
+    step = read_step(prev)
     if step["k"] != k - 1:
         raise UserError(f"{prev}: is step {step['k']}, but step {k} needs step {k - 1}")
     if step["inputs"]["model_hash"] != model_hash:
@@ -253,25 +258,16 @@ def _screened(pm: PrunableModel, windows, cands: list[str], settings: StepSettin
     return screen | res.scores, info | res.info()
 
 
-def _compensated(pm: PrunableModel, windows, removed: list[str], owned: list[str], settings: StepSettings, cost: Cost,
-                 on_progress) -> tuple[dict[str, Score], dict]:
-    """Compensation-aware scores of `owned`: pair sums on the dense model, then each candidate
-    scored with its own correction (`compensate.search`)."""
-    pm.set_removed([])
-    gram, tokens = pair_sums(pm, windows, cost)
-    pm.set_removed(removed)
-    scores = score_with_compensation(pm, windows, owned, gram, tokens, settings.compensation_alpha, cost, on_progress)
-    return scores, {"early_stop": False, "compensation": settings.compensation}
-
-
 def search_step(pm: PrunableModel, windows, k: int, removed: list[str], settings: StepSettings, inputs: dict,
                 progress: bool = True, *, prev: dict | None = None, early_stop: bool = True,
-                shard: tuple[int, int] | None = None) -> dict:
+                shard: tuple[int, int] | None = None, score_compensated: CompensatedScorer | None = None) -> dict:
     """Score the candidates on top of `removed`, choose the best, return the step record.
 
     prev: the previous step's record; its ranking picks the early-stop seed (any order is
       exact, a good one stops more losers). early_stop: stop losers early (exact).
     shard: (i, n) -> score only shard i of n and return a partial record for `gather_shards`.
+    score_compensated: how a compensation-aware step scores its candidates
+      (`compensate.search.step_scorer`), handed in so that the search does not depend on it.
     """
     from tqdm.auto import tqdm
 
@@ -286,7 +282,11 @@ def search_step(pm: PrunableModel, windows, k: int, removed: list[str], settings
     total = len(owned) * len(windows)
     with tqdm(total=total, desc=f"step {k}", unit="cand·win", disable=not progress) as bar:
         if settings.compensation != "none":
-            scores, info = _compensated(pm, windows, removed, owned, settings, cost, bar.update)
+            if score_compensated is None:
+                raise UserError("a compensation-aware step needs its scorer: search_step(..., "
+                                "score_compensated=compensate.search.step_scorer(alpha))")
+            scores = score_compensated(pm, windows, removed, owned, cost, bar.update)
+            info = {"early_stop": False, "compensation": settings.compensation}
         elif settings.mode == "exact":
             res = score_exact(pm, windows, cands, prefer=_prefer(prev), early_stop=early_stop,
                               head_bound=settings.head_bound_columns, owned=owned, cost=cost, on_progress=bar.update,
@@ -333,53 +333,6 @@ def _check_best(k: int, ranked: list[Score]) -> Score:
     return best
 
 
-def step_record(k: int, removed_before: list[str], unit: str, blocks: list[str], nll_sum: float, tokens: int, params: dict,
-                scores: list[dict], settings: StepSettings, inputs: dict, cost: Cost, timing: dict, *,
-                removed_blocks: bool = False, metric: dict | None = None, search: dict | None = None) -> dict:
-    """The step artifact every method writes (the search, its shards' gather, the baselines).
-
-    unit: what the step removed (a block, or `layer.i`); blocks: its blocks, listed as
-    `removed_blocks` when asked (the baselines, whose units may be layers); metric: the
-    baselines' importance value of the unit; search: how the search bounded its scoring.
-    """
-    removed = list(removed_before) + list(blocks)
-    record = {"k": k, "removed_block": unit}
-    if removed_blocks:
-        record["removed_blocks"] = list(blocks)
-    record |= {
-        "ppl": perplexity_of(nll_sum, tokens),
-        "nll_sum": nll_sum,
-        "tokens": tokens,
-        "removed": removed,
-        "attn_removed": sum(parse_block(b)[0] == "attn" for b in removed),
-        "mlp_removed": sum(parse_block(b)[0] == "mlp" for b in removed),
-        "params": params,
-    }
-    if metric is not None:
-        record["metric"] = metric
-    record |= {"scores": scores, "settings": settings.as_dict(), "inputs": inputs}
-    if search is not None:
-        record["search"] = search
-    record |= {"cost": cost.as_dict(), "software": {"blockpruner": __version__}, "timing": timing}
-    return record
-
-
-def given_step(pm: PrunableModel, removed: list[str], method: str = "given", inputs: dict | None = None) -> dict:
-    """A step-like record for a block list that was given, not searched (`materialize --blocks`).
-
-    The same record as a step's (`step_record`: removed blocks, attention / MLP counts, the
-    parameter counts of `pm.param_summary`), with no perplexity, scores or calibration, and
-    settings saying where the list came from. It is never written as a step artifact.
-    """
-    removed = pm.check(removed)
-    if not removed:
-        raise UserError("the given block list is empty; name at least one block, e.g. attn.5,mlp.6")
-    record = step_record(len(removed), removed[:-1], removed[-1], removed[-1:], 0.0, 1, pm.param_summary(removed), [],
-                         StepSettings(method=method), inputs or {}, Cost(), {})
-    return record | {"ppl": None, "nll_sum": None, "tokens": None,
-                     "settings": {"method": method, "source_of_removals": "given"}}
-
-
 def _search_record(k: int, removed: list[str], ranked: list[Score], params: dict, settings: StepSettings, inputs: dict,
                    info: dict, cost: Cost, timing: dict) -> dict:
     best = ranked[0]
@@ -388,15 +341,7 @@ def _search_record(k: int, removed: list[str], ranked: list[Score], params: dict
     log.info("step %d: removed %s -> ppl %.4f (ratio %.2f%%); of %d candidates %d stopped early, %d cut by the head bound",
              k, best.block, best.ppl, 100 * params["ratio"], len(ranked), stopped, bounded)
     return step_record(k, removed, best.block, [best.block], best.nll_sum, best.tokens, params, [s.as_dict() for s in ranked],
-                       settings, inputs, cost, timing, search=info)
-
-
-def write_shard(path: str | Path, record: dict) -> dict:
-    return write_json(path, record, SHARD_FORMAT)
-
-
-def read_shard(path: str | Path) -> dict:
-    return read_json(path, SHARD_FORMAT)
+                       settings.as_dict(), inputs, cost, timing, search=info)
 
 
 def gather_shards(shards: list[dict], names: list[str] | None = None) -> dict:
@@ -444,47 +389,3 @@ def gather_shards(shards: list[dict], names: list[str] | None = None) -> dict:
     record["shards"] = [{"index": s["shard"]["index"], "count": count, "candidates": s["owned"], "cost": s["cost"],
                          "timing": s["timing"]} for s in sorted(shards, key=lambda s: s["shard"]["index"])]
     return record
-
-
-def write_step(path: str | Path, record: dict) -> dict:
-    return write_json(path, record, FORMAT)
-
-
-def read_step(path: str | Path) -> dict:
-    return read_json(path, FORMAT)
-
-
-def read_steps(paths: list[str | Path]) -> list[dict]:
-    return read_chain([read_step(p) for p in paths])
-
-
-def read_chain(steps: list[dict], label: str = "steps") -> list[dict]:
-    """Steps 1..K in order, each continuing the previous one.
-
-    A step adds one block (block-level methods) or a whole layer's two blocks (layer-level
-    methods), so step k's `removed` must start with step k-1's and be longer.
-    """
-    chain = sorted(steps, key=lambda s: s["k"])
-    ks = [s["k"] for s in chain]
-    if ks != list(range(1, len(ks) + 1)):
-        raise UserError(f"{label}: steps must be 1..K without gaps, got k = {ks}")
-    for prev, cur in zip(chain, chain[1:]):
-        n = len(prev["removed"])
-        if len(cur["removed"]) <= n or cur["removed"][:n] != prev["removed"]:
-            raise UserError(f"{label}: step {cur['k']} does not continue step {prev['k']} (stale file?); rerun the search")
-    return chain
-
-
-def steps_to_ratio(steps: list[dict], ratio: float, key: str = "ratio") -> int:
-    """Smallest K whose pruning ratio reaches `ratio`, from an ordered list of step records."""
-    if not 0 < ratio < 1:
-        raise UserError(f"target ratio must be between 0 and 1, got {ratio}")
-    for step in steps:
-        if step["params"][key] >= ratio - 1e-12:
-            return step["k"]
-    have = steps[-1]["params"][key] if steps else 0.0
-    raise UserError(f"the {len(steps)} steps found reach ratio {have:.4f} < {ratio}; run more search steps")
-
-
-def finite(x: float) -> bool:
-    return x is not None and math.isfinite(x)

@@ -2,8 +2,8 @@
 calibration perplexity of removing a whole layer.
 
 Every metric is computed from the same residual-stream states the search scores: per
-calibration window, `scoring.capture_window` records what the layers receive and
-`scoring.prefix_states` runs the model *as it stands* (removed blocks skipped) once,
+calibration window, `engine.forward.capture_window` records what the layers receive and
+`engine.forward.prefix_states` runs the model *as it stands* (removed blocks skipped) once,
 keeping the state before every block (a removed block's output repeats its input). A
 *unit* is a block (`attn.i`, `mlp.i`) or a whole layer (`layer.i` = both of its blocks);
 its input x and output y are
@@ -46,7 +46,9 @@ import torch.nn.functional as F
 from ..adapters import get_path
 from ..blocks import PrunableModel, block_index, parse_block, tie_order
 from ..errors import UserError
-from .scoring import Cost, capture_window, head_chunk_tokens, head_nll, perplexity_of, prefix_states, run_blocks, window_batches
+from ..engine.cost import Cost
+from ..engine.forward import (capture_window, head_chunk_tokens, head_nll, perplexity_of, prefix_states, run_blocks,
+                              walk, window_batches)
 
 METRICS = ("ppl", "bi", "rm", "js")
 
@@ -232,7 +234,7 @@ def unit_nll(pm: PrunableModel, windows: Sequence[torch.Tensor], units: Sequence
              cost: Cost | None = None) -> dict[str, UnitScore]:
     """Calibration NLL of the current model with each unit's blocks additionally removed.
 
-    The multi-block counterpart of `scoring.score_candidates` (same prefix reuse: a unit's
+    The multi-block counterpart of `exact.score_candidates` (same prefix reuse: a unit's
     run starts from the state before its first block), used for whole-layer candidates.
     """
     cost = cost if cost is not None else Cost()
@@ -250,3 +252,29 @@ def unit_nll(pm: PrunableModel, windows: Sequence[torch.Tensor], units: Sequence
             scores[u].add(nll, tokens)
         del states, ctx
     return scores
+
+
+@torch.no_grad()
+def layer_influence(pm: PrunableModel, windows: Sequence[torch.Tensor], cost: Cost | None = None) -> dict[int, float]:
+    """Block Influence of every layer of the model as it stands: 1 - cos(layer input, layer
+    output) per token (float64), averaged over every token of every window (ShortGPT's BI,
+    as in `importance.residual_metrics`). A layer whose blocks are all removed has BI 0."""
+    cost = cost if cost is not None else Cost()
+    removed = set(pm.removed)
+    sums = [0.0] * pm.num_layers
+    tokens = 0
+    for ids in window_batches(pm, windows):
+        ctx = capture_window(pm, ids)
+        cost.windows += 1
+        x, layer = None, -1  # the input of the layer being walked, and its index
+        for name, h in walk(pm, ctx, ctx.hidden, cost, skip=removed):
+            if name is not None and not name.startswith("attn."):
+                continue
+            if layer >= 0 and h is not x:  # h: the output of that layer
+                cos = F.cosine_similarity(x.double(), h.double(), dim=-1, eps=1e-12)
+                sums[layer] += (1.0 - cos).sum().item()
+            if name is not None:
+                x, layer = h, block_index(name) // 2
+        tokens += ids.shape[1]
+        del ctx, h, x
+    return {i: sums[i] / tokens for i in range(pm.num_layers)}

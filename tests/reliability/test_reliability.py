@@ -16,9 +16,9 @@ import torch
 
 from blockpruner.artifacts import atomic_write, read_json, write_json
 from blockpruner.data.calibration import CalibrationSpec, load_calibration, sample_calibration
-from blockpruner.data.sources import write_manifest
+from blockpruner.model_dir import write_manifest
 from blockpruner.errors import UserError
-from blockpruner.search.greedy import read_step
+from blockpruner.steps import read_step
 
 from ..conftest import tiny_model
 from ..test_calibration import CharTokenizer

@@ -1,0 +1,175 @@
+"""Stage 2 commands: search steps, their shards, the baselines, and reading the sequence."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..errors import UserError
+from ..search import HEAD_BOUND_COLUMNS
+from .common import command, model_args, numerics_arg, progress_arg, window_batch_arg
+
+log = logging.getLogger("blockpruner")
+
+
+def step_args(p: argparse.ArgumentParser) -> None:
+    model_args(p)
+    p.add_argument("--calib", required=True, help="calibration artifact directory")
+    p.add_argument("--k", type=int, required=True, help="step number (1 = first block removed)")
+    p.add_argument("--prev", default=None, help="step_<k-1>.json (required for k > 1)")
+    p.add_argument("--candidates", default="all", help="all (default), attn or mlp")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="score every candidate on every window (default: stop a candidate once its running NLL exceeds "
+                        "the total of the previous step's best-ranked candidate; exact, same chosen block)")
+    p.add_argument("--head-bound-columns", type=int, default=None, metavar="N",
+                   help="with early stopping, first cut candidates that cannot win by a certified lower bound on their "
+                        f"NLL from N LM-head columns per window (exact, same chosen block; default {HEAD_BOUND_COLUMNS}, "
+                        "0 = off)")
+    window_batch_arg(p)
+    p.add_argument("--compensation", default="none", metavar="{none,scale}",
+                   help="compensation-aware step (opt-in, slower: no prefix reuse or early stopping): score each "
+                        "candidate with the per-channel scale correction of the whole removed set applied, as "
+                        "`blockpruner compensate --method scale` folds it (default: none)")
+    p.add_argument("--compensation-alpha", type=float, default=None, metavar="A",
+                   help="with --compensation scale: its pull toward 1, lambda = A * trace(XtX) / d (default 0.1)")
+    p.add_argument("--shard", default=None, metavar="i/N",
+                   help="score only shard i of N (0-based, round-robin over the tie-ordered candidates) and write a "
+                        "partial artifact for gather-step (exact steps only)")
+    p.add_argument("--screen-windows", type=int, default=None, metavar="S",
+                   help="screened (approximate) step: score every candidate on the first S windows only ...")
+    p.add_argument("--confirm-top", type=int, default=None, metavar="M",
+                   help="... and finish the best M of them on all windows (with --screen-windows)")
+    p.add_argument("--candidates-by-bi", type=int, default=None, metavar="R",
+                   help="screened (approximate) step: consider only the R blocks whose layers have the lowest Block "
+                        "Influence on the current model")
+    p.add_argument("--out", required=True, help="output step_<k>.json (with --shard: the shard's partial artifact)")
+    numerics_arg(p)
+    progress_arg(p)
+
+
+@command("step", step_args, help="one greedy search step -> step_<k>.json",
+         description="Evaluate every remaining block on top of step k-1's removals and remove the one giving the lowest "
+                     "calibration perplexity. Ties: attention before MLP, then ascending layer.")
+def cmd_step(a: argparse.Namespace) -> None:
+    from ..blocks import PrunableModel
+    from ..numerics import Numerics
+    from ..data.calibration import load_calibration
+    from ..model_dir import load_model_dir, read_manifest
+    from ..devices import resolve_device
+    from ..compensate.fit import check_method
+    from ..compensate.search import step_scorer
+    from ..engine.forward import window_batch_for
+    from ..search.greedy import COMPENSATIONS, StepSettings, check_budget, load_previous, parse_shard, search_step
+    from ..steps import step_inputs, write_shard, write_step
+
+    bound = {} if a.head_bound_columns is None else {"head_bound_columns": a.head_bound_columns}
+    compensated = a.compensation != "none" and a.compensation in COMPENSATIONS
+    alpha = check_method(a.compensation, a.compensation_alpha) if compensated else a.compensation_alpha
+    settings = StepSettings.make(a.candidates, a.screen_windows, a.confirm_top, a.candidates_by_bi, numerics=a.numerics,
+                                 compensation=a.compensation, compensation_alpha=alpha,
+                                 window_batch=window_batch_for(a.window_batch, "cuda" if a.device_map else
+                                                               resolve_device(a.device)), **bound)
+    settings.validate()
+    shard = parse_shard(a.shard) if a.shard else None
+    if shard and settings.mode != "exact":
+        raise UserError("--shard splits exact steps only; run a screened step unsharded")
+    manifest = read_manifest(a.model)
+    calib = load_calibration(a.calib)
+    removed, prev = load_previous(a.prev, a.k, manifest["content_hash"], calib.hash, settings)
+    check_budget(manifest["num_layers"], removed, settings, a.k)
+    numerics = Numerics(a.numerics)
+    model, _, _ = load_model_dir(a.model, numerics.load_dtype(a.dtype), a.device, a.device_map, tokenizer=False)
+    record = search_step(numerics.apply(PrunableModel.wrap(model)), calib.windows, a.k, removed, settings,
+                         step_inputs(a.model, manifest, a.calib, calib.hash, a.prev),
+                         progress=not a.no_progress, prev=prev, early_stop=not a.no_early_stop, shard=shard,
+                         score_compensated=step_scorer(alpha) if compensated else None)
+    (write_shard if shard else write_step)(a.out, record)
+
+
+def gather_step_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", nargs="+", required=True, help="the N shard artifacts of one step")
+    p.add_argument("--out", required=True, help="output step_<k>.json")
+
+
+@command("gather-step", gather_step_args, help="combine the shard artifacts of one step -> step_<k>.json",
+         description="Pick the winner over the partial artifacts written by `step --shard i/N` for i = 0..N-1. The result "
+                     "equals the unsharded step except cost (summed over shards), timing and a `shards` field.")
+def cmd_gather_step(a: argparse.Namespace) -> None:
+    from ..search.greedy import gather_shards
+    from ..steps import read_shard, write_step
+
+    record = gather_shards([read_shard(p) for p in a.shards], [str(p) for p in a.shards])
+    write_step(a.out, record)
+    log.info("step %d gathered from %d shards: removed %s -> ppl %.4f -> %s", record["k"], len(a.shards),
+             record["removed_block"], record["ppl"], a.out)
+
+
+def baseline_step_args(p: argparse.ArgumentParser) -> None:
+    model_args(p)
+    p.add_argument("--method", required=True, help="oneshot, layer, shortgpt, relative-magnitude, bi-block, rm-block, js "
+                                                   "or blockpruner")
+    p.add_argument("--calib", required=True, help="calibration artifact directory")
+    p.add_argument("--k", type=int, required=True, help="step number (layer-level methods: layers removed)")
+    p.add_argument("--prev", default=None, help="step_<k-1>.json of the same method (required for k > 1)")
+    p.add_argument("--candidates", default="all", help="all (default), attn or mlp (block-level methods only)")
+    p.add_argument("--out", required=True, help="output step_<k>.json")
+    numerics_arg(p)
+    progress_arg(p)
+
+
+@command("baseline-step", baseline_step_args, help="one step of a baseline / ablation method -> step_<k>.json",
+         description="Step k of a baseline, written in the search's step format. Methods: oneshot (block ppl once on the "
+                     "dense model; '- search'), layer (iterative whole-layer ppl; '- block'), shortgpt (lowest Block "
+                     "Influence layers), relative-magnitude (lowest ||f(x)||/||x+f(x)|| layers), bi-block / rm-block / js "
+                     "(iterative block-level BI, RM, JS divergence to the dense model), blockpruner (= `step`). "
+                     "Layer-level methods count K in layers. One-shot methods rank once at k=1; later steps read that "
+                     "ranking from --prev.")
+def cmd_baseline_step(a: argparse.Namespace) -> None:
+    from ..blocks import PrunableModel
+    from ..numerics import Numerics
+    from ..data.calibration import load_calibration
+    from ..model_dir import load_model_dir, read_manifest
+    from ..search.baselines import baseline_step, check_step, settings_for
+    from ..search.greedy import load_previous
+    from ..steps import step_inputs, write_step
+
+    settings = settings_for(a.method, a.candidates, a.numerics)
+    manifest = read_manifest(a.model)
+    calib = load_calibration(a.calib)
+    removed, prev = load_previous(a.prev, a.k, manifest["content_hash"], calib.hash, settings)
+    check_step(settings, manifest["num_layers"], a.k, removed, prev)
+    numerics = Numerics(a.numerics)
+    model, _, _ = load_model_dir(a.model, numerics.load_dtype(a.dtype), a.device, a.device_map, tokenizer=False)
+    record = baseline_step(numerics.apply(PrunableModel.wrap(model)), calib.windows, a.k, removed, settings,
+                           step_inputs(a.model, manifest, a.calib, calib.hash, a.prev), prev=prev, progress=not a.no_progress)
+    write_step(a.out, record)
+
+
+def target_k_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", required=True, help="directory holding step_<k>.json files")
+    p.add_argument("--ratio", type=float, required=True, help="target ratio of removed parameters, e.g. 0.2")
+    p.add_argument("--no-embed", action="store_true", help="ratio of non-embedding parameters instead of all")
+
+
+@command("target-k", target_k_args, help="smallest K reaching a pruning ratio, from step artifacts")
+def cmd_target_k(a: argparse.Namespace) -> None:
+    from ..steps import read_step, steps_to_ratio
+
+    paths = sorted(Path(a.steps).glob("step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+    print(steps_to_ratio([read_step(p) for p in paths], a.ratio, "ratio_no_embed" if a.no_embed else "ratio"))
+
+
+def sequence_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("steps", nargs="+", help="step_1.json ... step_K.json of one search (no gaps)")
+    p.add_argument("--out", required=True, help="output .csv")
+
+
+@command("sequence", sequence_args, help="the removal sequence of step_<k>.json files as a CSV a person can read",
+         description="One row per step: k, removed block, its type and layer, calibration perplexity, attention / MLP "
+                     "blocks removed so far, pruning ratio.")
+def cmd_sequence(a: argparse.Namespace) -> None:
+    from ..report.summary import write_sequence
+
+    rows = write_sequence(a.out, a.steps)
+    log.info("removal sequence of %d steps (%s) -> %s", len(rows), ", ".join(r["removed_block"] for r in rows), a.out)

@@ -1,0 +1,437 @@
+"""Scoring candidates exactly: every remaining block's NLL, or just enough of it to know it loses.
+
+Everything that scores candidates -- the greedy search, the one-shot ablation, the sharded
+step, the benchmark -- goes through `score_candidates` or `score_exact`, on the forward
+engine (`engine.forward`): per window (or batch of windows), the current model's blocks are
+walked once and each candidate's suffix is run from the state before it (prefix reuse). Only
+the running state and one candidate's suffix are alive at a time: memory is one batch's
+activations, never the whole calibration set, whatever the number of blocks.
+
+Exact early stopping (`score_exact`). Token NLLs are >= 0, so a running NLL only grows
+(float additions of non-negative numbers are monotone too): once a candidate's running NLL
+over some windows -- or some head chunks of a window -- exceeds the total of a candidate
+that has finished, it cannot finish below it and can never be chosen. We therefore score
+the first window for every candidate, then one *seed* candidate over the other windows --
+the best finished candidate of the previous step still available, else the best candidate on
+the first window -- and then the others, each stopped as soon as its running NLL exceeds
+the seed's total. The bound is fixed (it is not tightened as other candidates finish), which
+makes every candidate's recorded result a function of that candidate and the seed only: a
+step split over shards (each scoring the seed itself) records bit-for-bit the scores of the
+unsharded step.
+
+The head bound (`score_exact(head_bound=N)`, maths in `engine.head_bound`). A candidate whose
+exact NLL so far plus its lower bounds over the remaining windows exceeds the seed's total
+cannot win: it is cut (status "bounded") without its full head; so is a survivor, window by
+window, once its exact NLL so far plus the lower bounds of the windows ahead exceeds the
+total. The others' final-normed states are kept (within `BOUND_CACHE_BYTES`, else their
+blocks are run again) and finished with the full head exactly as without the bound, so every
+finished NLL is bit-for-bit the same.
+
+Windows run `batch` at a time where the caller asks (`--window-batch`): the walk, the
+suffixes, the head bound's passes and the head then work on a (B, T) batch, and each
+window's NLL is still added in window order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from ..adapters import get_path
+from ..blocks import PrunableModel, block_index, tie_order
+from ..engine.cost import Cost
+from ..engine.forward import (Score, WindowContext, capture_window, head_nll, run_blocks, stack_windows, walk,
+                              window_batches, window_groups)
+from ..engine.head_bound import (BoundWindow, bound_columns, bound_head, bound_stages, head_lower_bound,
+                                 usable_head_bound)
+from . import HEAD_BOUND_COLUMNS
+
+BOUND_CACHE_BYTES = 1 << 30  # final-normed states kept for the candidates the bound does not cut
+
+
+@torch.no_grad()
+def _add_batch_nll(pm: PrunableModel, hidden: torch.Tensor, ids: torch.Tensor, s: Score, bound: float | None,
+                   cost: Cost, last_batch: bool = False, *, normed: bool = False,
+                   mass: torch.Tensor | None = None, ahead: Sequence[float] | None = None) -> None:
+    """Add a (B, T) batch of windows' NLL to `s`, row by row, stopping once `bound` is exceeded.
+
+    `ahead[r]`: a certified lower bound on what the windows after row r add (the head
+    bound's), counted against `bound` with the exact NLL so far. A candidate over the bound is
+    `stopped` (its exact NLL alone is over) or `bounded` (with `ahead`) only where work was
+    cut (a chunk, a row or a window left); one that finished its last window stays `done`,
+    with its full NLL, and simply loses. The head stops between chunks once the rows' running
+    sums exceed the bound (then every row is partial); otherwise the rows are added in order
+    and the ones after the candidate went over the bound are dropped, so a candidate's record
+    is what one window at a time would record, except that a stop inside a batch of several
+    windows is seen at the end of the row (or, between chunks, of the batch) that crossed it.
+    """
+    b, n = ids.shape[0], ids.shape[1] - 1
+    ahead = list(ahead) if ahead is not None else [0.0] * b
+    nlls, done = head_nll(pm, hidden, ids, cost, normed=normed, bound=bound, before=s.nll_sum + ahead[-1], mass=mass)
+    if done < n:  # cut between head chunks: every row is partial
+        s.nll_sum += nlls[0] if b == 1 else math.fsum(nlls)
+        s.tokens += done * b
+        _check_bound(s, bound, ahead[-1], cut=True)
+        return
+    for r, nll in enumerate(nlls):
+        s.nll_sum += nll
+        s.tokens += done
+        s.windows_done += 1
+        _check_bound(s, bound, ahead[r], cut=not (last_batch and r == b - 1))
+        if s.status != "done":
+            return
+
+
+def _check_bound(s: Score, bound: float | None, ahead: float, cut: bool) -> None:
+    """Mark `s` nonfinite, or stopped / bounded when it is over `bound` and work was cut."""
+    if not math.isfinite(s.nll_sum):
+        s.status = "nonfinite"
+    elif bound is not None and s.nll_sum + ahead > bound and cut:
+        if s.nll_sum > bound:
+            s.status = "stopped"
+        else:
+            s.status, s.lower_bound = "bounded", s.nll_sum + ahead
+
+
+def _suffix_states(pm: PrunableModel, ctx: WindowContext, blocks: Collection[str], removed: Collection[str],
+                   cost: Cost) -> Iterator[tuple[str, torch.Tensor]]:
+    """(b, last state of the model without b) for each b of `blocks`, walking the blocks once:
+    at b the running state is the state before b (removing b changes nothing before it), so
+    only the blocks after b run from there (prefix reuse)."""
+    if not blocks:
+        return
+    last = max(block_index(b) for b in blocks)
+    for name, h in walk(pm, ctx, ctx.hidden, cost, skip=removed):
+        if name is None or block_index(name) > last:
+            break
+        if name in blocks:
+            yield name, run_blocks(pm, ctx, h, cost, start=block_index(name) + 1, skip=removed)
+
+
+def _check_candidates(pm: PrunableModel, scores: Iterable[Score]) -> None:
+    removed = set(pm.removed)
+    for s in scores:
+        if s.block not in pm.names or s.block in removed:
+            raise ValueError(f"candidate {s.block} is not a remaining block of the model")
+
+
+@torch.no_grad()
+def _score_windows(pm: PrunableModel, windows: Iterable[torch.Tensor], scores: Sequence[Score], bound: float | None,
+                   cost: Cost, on_progress: Callable[[int], None] | None = None,
+                   masses: list[torch.Tensor] | None = None, batch: int = 1) -> None:
+    """Accumulate each window's NLL into every live (`done`) score, walking the blocks once per
+    batch of `batch` windows (`_suffix_states`). With `masses` (one score), each window's column
+    mass is appended to it (`head_nll(mass=...)`)."""
+    removed = set(pm.removed)
+    _check_candidates(pm, scores)
+    windows = list(windows)
+    groups = window_groups(windows, batch)
+    for group in groups:
+        alive = {s.block: s for s in scores if s.status == "done"}
+        if not alive:
+            break
+        ids = stack_windows(pm, windows, group)
+        ctx = capture_window(pm, ids)
+        cost.windows += len(group)
+        mass = None
+        if masses is not None:
+            weight = get_path(pm.model, pm.adapter.lm_head).weight
+            mass = torch.zeros(len(group), weight.shape[0], device=weight.device)
+            masses.extend(mass.unbind(0))
+        for name, x in _suffix_states(pm, ctx, alive, removed, cost):
+            _add_batch_nll(pm, x, ids, alive[name], bound, cost, last_batch=group is groups[-1], mass=mass)
+            del x
+            if on_progress:
+                on_progress(len(group))
+        del ctx
+
+
+@torch.no_grad()
+def _score_bounded(pm: PrunableModel, windows: Sequence[torch.Tensor], scores: Sequence[Score], bound: float,
+                   columns: Sequence[Sequence[torch.Tensor]], cost: Cost,
+                   on_progress: Callable[[int], None] | None = None, first: dict[str, torch.Tensor] | None = None,
+                   batch: int = 1) -> None:
+    """`_score_windows` with `bound`, cutting with the head bound first, `batch` windows per walk.
+
+    columns[s][i]: the bound's columns on window i at stage s (`bound_stages`; each stage's
+    hold the last's). A candidate is `bounded` -- it cannot win -- as soon as its exact NLL
+    before these windows plus its per-window lower bounds exceeds `bound`.
+
+    Pass 1 walks the windows once and adds each live candidate's stage-0 `head_lower_bound`.
+    `first`: final-normed states on the first window already computed (`_seed_by_bound`), used
+    instead of running those blocks again. The survivors' states are kept (up to
+    `BOUND_CACHE_BYTES`). Each later stage recomputes the survivors' bounds from their kept
+    states with more columns (the larger of two lower bounds is one too). Pass 2 scores the
+    survivors with the full head window by window, as `_score_windows` would, from the kept
+    states or by running their blocks again: the same tensors, the same sums. Each window's
+    exact NLL replaces its lower bound, and a survivor is cut as soon as its exact NLL so far
+    plus the lower bounds of the windows ahead exceeds `bound`.
+    """
+    head = bound_head(pm)
+    removed = set(pm.removed)
+    _check_candidates(pm, scores)
+    live = {s.block: s for s in scores if s.status == "done"}
+    window_lower: dict[str, list[float]] = {b: [] for b in live}  # the head bound per window
+    kept: dict[tuple[str, int], torch.Tensor] = {}
+    kept_bytes = 0
+
+    def lower(name: str) -> float:
+        return live[name].nll_sum + sum(window_lower[name])
+
+    def cut(name: str) -> None:
+        nonlocal kept_bytes
+        live[name].status, live[name].lower_bound = "bounded", lower(name)
+        del live[name]
+        for j in range(len(windows)):
+            gone = kept.pop((name, j), None)
+            kept_bytes -= 0 if gone is None else gone.numel() * gone.element_size()
+
+    def row(states: torch.Tensor, r: int) -> torch.Tensor:
+        return states if states.shape[0] == 1 else states[r : r + 1].clone()  # a kept row frees its batch
+
+    # the first window alone where `first` holds its states, so those are not run again
+    groups = ([range(0, 1)] + window_groups(windows, batch, 1)) if first else window_groups(windows, batch)
+    for group in groups:
+        if not live:
+            break
+        ids = stack_windows(pm, windows, group)
+        given = (first or {}) if group.start == 0 else {}
+        todo = [b for b in live if b not in given]
+        bws = [BoundWindow.of(head, columns[0][i]) for i in group]
+        for name, normed in chain(((b, given.pop(b)) for b in list(live) if b in given),
+                                  _normed_states(pm, ids, todo, removed, cost)):
+            for r, i in enumerate(group):
+                x = row(normed, r)
+                window_lower[name].append(head_lower_bound(pm, x, ids[r : r + 1], bws[r], cost))
+                if lower(name) > bound:
+                    cut(name)
+                    break
+                if kept_bytes + x.numel() * x.element_size() <= BOUND_CACHE_BYTES:
+                    kept[name, i] = x
+                    kept_bytes += x.numel() * x.element_size()
+            del normed
+            if on_progress:
+                on_progress(len(group))
+        del bws
+    for stage in columns[1:]:
+        for i, ids in enumerate(window_batches(pm, windows)):
+            names = [b for b in live if (b, i) in kept]
+            bw = BoundWindow.of(head, stage[i]) if names else None
+            for name in names:
+                window_lower[name][i] = max(window_lower[name][i], head_lower_bound(pm, kept[name, i], ids, bw, cost))
+                if lower(name) > bound:
+                    cut(name)
+            del bw
+    groups = window_groups(windows, batch)
+    for group in groups:
+        alive = {b: s for b, s in live.items() if s.status == "done"}
+        if not alive:
+            break
+        ids = stack_windows(pm, windows, group)
+        for name, normed in _normed_states(pm, ids, [b for b in alive if any((b, i) not in kept for i in group)],
+                                           removed, cost):
+            for r, i in enumerate(group):
+                kept[name, i] = row(normed, r)
+        for name, s in alive.items():
+            rows = [kept.pop((name, i)) for i in group]
+            _add_batch_nll(pm, rows[0] if len(rows) == 1 else torch.cat(rows), ids, s, bound, cost,
+                           last_batch=group is groups[-1], normed=True,
+                           ahead=[sum(window_lower[name][i + 1:]) for i in group])
+            del rows
+            if s.status != "done":
+                for j in range(group.stop, len(windows)):
+                    kept.pop((name, j), None)
+    kept.clear()
+
+
+def _normed_states(pm: PrunableModel, ids: torch.Tensor, blocks: Sequence[str], removed: Collection[str],
+                   cost: Cost) -> Iterator[tuple[str, torch.Tensor]]:
+    """(b, final-normed last state without b) for each b of `blocks` on a (B, T) batch."""
+    if not blocks:
+        return
+    final_norm = get_path(pm.model, pm.adapter.final_norm)
+    ctx = capture_window(pm, ids)
+    cost.windows += ids.shape[0]
+    for name, x in _suffix_states(pm, ctx, blocks, removed, cost):
+        yield name, final_norm(x)
+
+
+@torch.no_grad()
+def _seed_by_bound(pm: PrunableModel, window: torch.Tensor, candidates: Sequence[Score], columns: int,
+                   cost: Cost, states: dict[str, torch.Tensor]) -> str | None:
+    """A seed without scoring every candidate's head: the candidate with the lowest head bound
+    on `window`, from columns chosen by the current model's logits there (any seed is exact;
+    a good one cuts more). The candidates' final-normed states there go into `states` (up to
+    `BOUND_CACHE_BYTES`), for `_score_bounded` to reuse."""
+    removed = set(pm.removed)
+    _check_candidates(pm, candidates)
+    live = {s.block: s for s in candidates if s.status == "done"}
+    if not live:
+        return None
+    (ids,) = window_batches(pm, [window])
+    ctx = capture_window(pm, ids)
+    cost.windows += 1
+    weight = get_path(pm.model, pm.adapter.lm_head).weight
+    mass = torch.zeros(weight.shape[0], device=weight.device)
+    head_nll(pm, run_blocks(pm, ctx, ctx.hidden, cost, skip=removed), ids, cost, mass=mass)
+    bw = BoundWindow.of(bound_head(pm), bound_columns(mass, ids, columns))
+    final_norm = get_path(pm.model, pm.adapter.final_norm)
+    lower = {}
+    kept_bytes = 0
+    for name, x in _suffix_states(pm, ctx, list(live), removed, cost):
+        normed = final_norm(x)
+        del x
+        value = live[name].nll_sum + head_lower_bound(pm, normed, ids, bw, cost)
+        if math.isfinite(value):
+            lower[name] = value
+        if kept_bytes + normed.numel() * normed.element_size() <= BOUND_CACHE_BYTES:
+            states[name] = normed
+            kept_bytes += normed.numel() * normed.element_size()
+    return min(lower, key=lambda b: (lower[b], tie_order(b))) if lower else None
+
+
+@torch.no_grad()
+def score_candidates(
+    pm: PrunableModel,
+    windows: Sequence[torch.Tensor],
+    candidates: Sequence[str],
+    *,
+    bound: float | None = None,
+    cost: Cost | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    batch: int = 1,
+) -> dict[str, Score]:
+    """NLL over all windows of the current model with each candidate additionally removed.
+
+    Windows are visited in order, `batch` to a forward, so sums are bit-reproducible and
+    independent of which other candidates are scored alongside. With `bound`, a candidate is stopped (status
+    "stopped") as soon as its running NLL exceeds it, between windows or head chunks (NLL
+    only grows, so it cannot finish below the bound); its partial NLL is kept.
+    """
+    cost = cost if cost is not None else Cost()
+    scores = {c: Score(c) for c in candidates}
+    _score_windows(pm, windows, list(scores.values()), bound, cost, on_progress, batch=batch)
+    return scores
+
+
+@dataclass
+class ExactResult:
+    """Scores of an exact (optionally early-stopped) evaluation, and how it was bounded."""
+
+    scores: dict[str, Score]
+    early_stop: bool
+    seed: str | None = None  # the candidate scored first; its total is the bound
+    seed_from: str | None = None  # "previous step" | "first window" | "head bound" | "screen"
+    bound: float | None = None
+    head_bound: int = 0  # head-bound columns per window (0: the bound was not used)
+
+    def info(self) -> dict:
+        return {"early_stop": self.early_stop, "seed": self.seed, "seed_from": self.seed_from, "bound": self.bound,
+                "head_bound_columns": self.head_bound}
+
+
+def _best(scores: Iterable[Score]) -> Score | None:
+    done = [s for s in scores if s.status == "done" and math.isfinite(s.nll_sum)]
+    return min(done, key=lambda s: (s.nll_sum, tie_order(s.block))) if done else None
+
+
+@torch.no_grad()
+def score_exact(
+    pm: PrunableModel,
+    windows: Sequence[torch.Tensor],
+    candidates: Sequence[str],
+    *,
+    prefer: Sequence[str] = (),
+    early_stop: bool = True,
+    head_bound: int = HEAD_BOUND_COLUMNS,
+    owned: Sequence[str] | None = None,
+    start: dict[str, Score] | None = None,
+    seed_from: str = "previous step",
+    cost: Cost | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    batch: int = 1,
+) -> ExactResult:
+    """Exact scores of `candidates` with early stopping: the winner and every finished NLL
+    are those of plain scoring; losers may be stopped with a partial NLL.
+
+    1. The first window is scored for every candidate wanted (no bound is known yet; a
+       single window rarely exceeds a total over all windows anyway).
+    2. The seed -- the first of `prefer` (the previous step's finished candidates) among `candidates`,
+       else the best candidate on the first window -- is scored on the remaining windows;
+       its total is the bound.
+    3. The other candidates are scored on the remaining windows with that bound; with
+       `head_bound` N > 0, the head bound first cuts those that cannot win (`_score_bounded`,
+       columns from the seed's logits of step 2). It is off where `usable_head_bound` says
+       it cannot pay (a vocabulary below 2N, a head that is not a plain linear layer).
+    With the head bound, step 1 is skipped: without a preference the seed is the candidate
+    with the lowest head bound on the first window (`_seed_by_bound`); it is scored on every
+    window and the others are bounded from the first window on.
+
+    owned: the candidates whose scores are wanted (a shard). The seed is scored in every
+      shard, and without a preference every candidate's first window too, so that every
+      shard has the same bound and records exactly the unsharded scores of its candidates.
+    start: scores already accumulated over earlier windows (not in `windows`), continued
+      here (the screened step's confirmation).
+    batch: windows per forward (`window_groups`). A finished score is the same sum in the same
+      order for any batch; its terms may differ in the last bits where the batch shape changes
+      the kernels' rounding. Where a loser is stopped, and so its partial record, can move
+      with the batch (`_add_batch_nll`); the seed's first window and the head bound's seed
+      choice run one window at a time.
+    """
+    cost = cost if cost is not None else Cost()
+    candidates = list(candidates)
+    owned = candidates if owned is None else [c for c in candidates if c in set(owned)]
+    scores = dict(start) if start else {}
+    for c in candidates:
+        scores.setdefault(c, Score(c))
+    result = ExactResult({c: scores[c] for c in owned}, early_stop)
+
+    def live(names):
+        return [scores[c] for c in names if scores[c].status == "done"]
+
+    if not early_stop or not candidates:
+        _score_windows(pm, windows, live(owned), None, cost, on_progress, batch=batch)
+        return result
+    seed = next((c for c in prefer if c in scores and scores[c].status == "done"), None)
+    columns = usable_head_bound(pm, head_bound)
+    first_states: dict[str, torch.Tensor] = {}  # final-normed states on the first window, from `_seed_by_bound`
+    if seed is None and columns and windows:
+        seed, seed_from = (_seed_by_bound(pm, windows[0], [scores[c] for c in candidates], columns, cost, first_states),
+                           "head bound")
+    if seed is not None and columns:  # the seed over every window, then the others bounded from the first
+        rest = list(windows)
+    else:
+        first_states.clear()  # they are of windows[0], which the others are not bounded on here
+        first = candidates if seed is None else [c for c in candidates if c in set(owned) | {seed}]
+        _score_windows(pm, windows[:1], live(first), None, cost, on_progress)
+        rest = list(windows[1:])
+        if seed is None:
+            best = _best(scores[c] for c in candidates)
+            seed, seed_from = (best.block if best else None), "first window"
+        elif scores[seed].status != "done":
+            seed = None  # the preferred seed went non-finite; shards do not know the others' first window
+    if seed is None:  # nothing finite bounds the others
+        _score_windows(pm, rest, live(owned), None, cost, on_progress, batch=batch)
+        return result
+    masses: list[torch.Tensor] | None = [] if columns and rest else None
+    _score_windows(pm, rest, [scores[seed]], None, cost, on_progress, masses=masses, batch=batch)
+    total = scores[seed]
+    bound = total.nll_sum if total.status == "done" else None
+    result.seed, result.seed_from, result.bound = seed, seed_from, bound
+    others = [c for c in owned if c != seed]
+    if rest and bound is not None:  # beyond the bound already on the first window
+        for s in live(others):
+            if s.nll_sum > bound:
+                s.status = "stopped"
+    if masses is not None and bound is not None:
+        chosen = [[bound_columns(m, x, n) for m, x in zip(masses, window_batches(pm, rest))]
+                  for n in bound_stages(pm, columns)]
+        result.head_bound = columns
+        _score_bounded(pm, rest, live(others), bound, chosen, cost, on_progress, first_states, batch=batch)
+        return result
+    _score_windows(pm, rest, live(others), bound, cost, on_progress, batch=batch)
+    return result
