@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, adapter_for, get_path, text_config
+from .branch import branch_output, keyword_args
 from .errors import UserError
 
 KINDS = ("attn", "mlp")
@@ -59,24 +60,12 @@ def tie_order(name: str) -> tuple[int, int]:
 def run_branch(layer: nn.Module, adapter: Adapter, kind: str, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """h + branch(h) for one block, exactly as the architecture's own layer computes it."""
     spec = adapter.branch(kind)
-    x = getattr(layer, spec.pre_norm)(hidden)
-    if kind == "attn":
-        x = getattr(layer, spec.module)(hidden_states=x, **kwargs)
-        if isinstance(x, tuple):  # (output, attention weights[, cache])
-            x = x[0]
-    else:
-        x = getattr(layer, spec.module)(x)
-    if spec.post_norm:
-        x = getattr(layer, spec.post_norm)(x)
-    if spec.dropout:
-        x = getattr(layer, spec.dropout)(x)
-    return hidden + x
+    return hidden + branch_output(layer, kind, hidden, kwargs, spec.pre_norm, spec.module, spec.post_norm, spec.dropout)
 
 
 def layer_forward(layer: nn.Module, adapter: Adapter, hidden_states: torch.Tensor, *args, **kwargs):
     """Replacement for `DecoderLayer.forward` that skips removed blocks outright."""
-    if args:  # remote-code layers sometimes pass the mask positionally
-        kwargs = dict(zip(("attention_mask", "position_ids", "past_key_value"), args)) | kwargs
+    kwargs = keyword_args(args, kwargs)
     for kind in KINDS:
         if kind not in layer.bp_removed:
             hidden_states = run_branch(layer, adapter, kind, hidden_states, kwargs)

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter, adapter_for, get_path
+from ..branch import branch_output
 from ..errors import UserError
 from ..modeling import sliced_modeling
 from ..modeling.sliced import MODELING_FILE, load_sliced, modeling_source
@@ -225,13 +226,7 @@ def fuse_norms(model, adapter: Adapter, linears: Linears) -> None:
 def _branch(layer: nn.Module, adapter: Adapter, kind: str, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """One residual branch's output (without the shortcut) as the layer computes it."""
     spec = adapter.branch(kind)
-    x = getattr(layer, spec.pre_norm)(hidden)
-    if kind == "attn":
-        x = getattr(layer, spec.module)(hidden_states=x, **kwargs)
-        x = x[0] if isinstance(x, tuple) else x
-    else:
-        x = getattr(layer, spec.module)(x)
-    return getattr(layer, spec.dropout)(x) if spec.dropout else x
+    return branch_output(layer, kind, hidden, kwargs, spec.pre_norm, spec.module, None, spec.dropout)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..adapters import get_path
 from ..blocks import PrunableModel, block_index, tie_order
+from ..branch import keyword_args
 from ..errors import UserError
 from .cost import Cost
 
@@ -89,9 +90,7 @@ def capture_window(pm: PrunableModel, input_ids: torch.Tensor) -> WindowContext:
     def recorder(hidden_states, *args, **kwargs):
         if not first:
             first.append(hidden_states)
-        if args:
-            kwargs = dict(zip(("attention_mask", "position_ids", "past_key_value"), args)) | kwargs
-        seen.append(kwargs)
+        seen.append(keyword_args(args, kwargs))
         return (hidden_states,) if pm.adapter.layer_returns_tuple else hidden_states
 
     try:

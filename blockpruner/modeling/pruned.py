@@ -8,6 +8,7 @@ this transformers, never from the directory's Python.
 
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 from pathlib import Path
@@ -16,17 +17,33 @@ import torch
 
 from ..devices import resolve_device, torch_dtype
 from ..errors import UserError
+from .. import branch
 from . import pruned_modeling
 
 FORMAT = "blockpruner.pruned/1"
 MODELING_FILE = "modeling_blockpruner.py"
 
 
+BRANCH_IMPORT = "from ..branch import branch_output, keyword_args\n"
+
+
+def standalone_source(module) -> str:
+    """`module`'s source with its import of the package's branch runner replaced by that
+    runner's code (`blockpruner/branch.py` without its docstring), so the file stands alone."""
+    source = inspect.getsource(module)
+    if source.count(BRANCH_IMPORT) != 1:
+        raise ValueError(f"{module.__name__} must import the branch runner once, as {BRANCH_IMPORT.strip()!r}")
+    tree = ast.parse(inspect.getsource(branch))
+    code = inspect.getsource(branch).splitlines(keepends=True)[tree.body[0].end_lineno:]
+    inlined = "# -- the residual branch, from blockpruner/branch.py ".ljust(92, "-") + "\n" + "".join(code).strip("\n") + "\n\n"
+    return source.replace(BRANCH_IMPORT, inlined)
+
+
 def bound_modeling_source(module, config_cls: type, model_cls: type, names: str, by: str) -> str:
-    """A self-contained modeling file: `module`'s source plus the lines binding its
-    `make_classes` to one base architecture as `names` (e.g. "XConfig, XForCausalLM")."""
+    """A self-contained modeling file: `module`'s source (`standalone_source`) plus the lines
+    binding its `make_classes` to one base architecture as `names` (e.g. "XConfig, XForCausalLM")."""
     return (
-        inspect.getsource(module).rstrip() + "\n\n\n"
+        standalone_source(module).rstrip() + "\n\n\n"
         f"# -- bound to the base architecture by {by} ".ljust(92, "-") + "\n"
         f"from transformers import {config_cls.__name__} as _BaseConfig, {model_cls.__name__} as _BaseModel  # noqa: E402\n\n"
         f"{names} = make_classes(_BaseConfig, _BaseModel)\n"

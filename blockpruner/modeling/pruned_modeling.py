@@ -1,10 +1,12 @@
 """The modeling code a materialised (pruned) checkpoint carries, so that it loads anywhere.
 
-`blockpruner.export` copies this file verbatim, plus four lines naming the base classes, into
-every pruned model directory as `modeling_blockpruner.py`; config.json's `auto_map` points at
-it, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works where
-blockpruner is not installed. `blockpruner.load_pruned` builds the same classes from this
-module with no remote code at all. It must therefore import nothing but the standard library,
+`blockpruner.export` copies this file, with the package's branch runner (`blockpruner/branch.py`)
+inlined in place of its one import of it and four lines naming the base classes added
+(`modeling.pruned.bound_modeling_source`), into every pruned model directory as
+`modeling_blockpruner.py`; config.json's `auto_map` points at it, so
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works where blockpruner is
+not installed. `blockpruner.load_pruned` builds the same classes from this module with no
+remote code at all. Besides that import, it must import nothing but the standard library,
 torch and transformers.
 
 A pruned model is the base architecture with its kept decoder layers renumbered 0..N-1;
@@ -26,6 +28,8 @@ model itself keeps reading the per-layer `config.layer_types`.
 from __future__ import annotations
 
 import copy
+
+from ..branch import branch_output, keyword_args
 
 KINDS = ("attn", "mlp")
 
@@ -49,24 +53,13 @@ class PrunedLayerMixin:
     """
 
     def forward(self, hidden_states, *args, **kwargs):
-        if args:  # layers are called with keywords in transformers 5; be lenient anyway
-            kwargs = dict(zip(("attention_mask", "position_ids", "past_key_values"), args)) | kwargs
+        kwargs = keyword_args(args, kwargs)
         for kind in self.bp_kinds:
             if kind in self.bp_removed:
                 continue
             spec = self.bp_branches[kind]
-            x = getattr(self, spec["pre_norm"])(hidden_states)
-            if kind == "attn":
-                x = getattr(self, spec["module"])(hidden_states=x, **kwargs)
-                if isinstance(x, tuple):  # (output, attention weights)
-                    x = x[0]
-            else:
-                x = getattr(self, spec["module"])(x)
-            if spec.get("post_norm"):
-                x = getattr(self, spec["post_norm"])(x)
-            if spec.get("dropout"):
-                x = getattr(self, spec["dropout"])(x)
-            hidden_states = hidden_states + x
+            hidden_states = hidden_states + branch_output(self, kind, hidden_states, kwargs, spec["pre_norm"],
+                                                          spec["module"], spec.get("post_norm"), spec.get("dropout"))
         return (hidden_states,) if self.bp_returns_tuple else hidden_states
 
 

@@ -1,11 +1,13 @@
 """The modeling code a SliceGPT-sliced checkpoint carries, so that it loads anywhere.
 
-`blockpruner.compress.slicegpt` copies this file verbatim, plus the lines naming the base
-classes, into every sliced model directory as `modeling_slicegpt.py`; config.json's `auto_map`
-points at it, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works
-where blockpruner is not installed. `slicegpt.load_sliced` builds the same classes from this
-module without running the directory's code. It must therefore import nothing but the
-standard library, torch and transformers.
+`blockpruner.compress.slicegpt` copies this file, with the package's branch runner
+(`blockpruner/branch.py`) inlined in place of its one import of it and the lines naming the
+base classes added (`modeling.pruned.bound_modeling_source`), into every sliced model
+directory as `modeling_slicegpt.py`; config.json's `auto_map` points at it, so
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works where blockpruner is
+not installed. `modeling.sliced.load_sliced` builds the same classes from this module without
+running the directory's code. Besides that import, it must import nothing but the standard
+library, torch and transformers.
 
 A sliced model is the base architecture with a narrower residual stream. `config.slicegpt`
 records the widths and the attribute names (copied from blockpruner's adapter table):
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..branch import branch_output, keyword_args
 
 FORMAT = "blockpruner.slicegpt/1"
 KINDS = ("attn", "mlp")
@@ -80,24 +84,15 @@ class SlicedLayerMixin:
     """
 
     def forward(self, hidden_states, *args, **kwargs):
-        if args:  # layers are called with keywords in transformers 5; be lenient anyway
-            kwargs = dict(zip(("attention_mask", "position_ids", "past_key_values"), args)) | kwargs
+        kwargs = keyword_args(args, kwargs)
         for kind in KINDS:
             spec = self.sg_branches[kind]
             shortcut = hidden_states @ getattr(self, f"{kind}_shortcut_Q")
             if kind in self.bp_removed:
                 hidden_states = shortcut
                 continue
-            x = getattr(self, spec["norm"])(hidden_states)
-            if kind == "attn":
-                x = getattr(self, spec["module"])(hidden_states=x, **kwargs)
-                if isinstance(x, tuple):  # (output, attention weights)
-                    x = x[0]
-            else:
-                x = getattr(self, spec["module"])(x)
-            if spec.get("dropout"):
-                x = getattr(self, spec["dropout"])(x)
-            hidden_states = shortcut + x
+            hidden_states = shortcut + branch_output(self, kind, hidden_states, kwargs, spec["norm"], spec["module"],
+                                                     None, spec.get("dropout"))
         return (hidden_states,) if self.sg_returns_tuple else hidden_states
 
 
