@@ -62,6 +62,17 @@ def engine_options(wildcards):
     return f"--head-bound-columns {search['head_bound_columns']} --window-batch {search['window_batch']}"
 
 
+def step_arguments(wildcards, input):
+    """A scoring job's command line but its output, for search_step and search_shard alike:
+    the subcommand, its inputs, the step, the candidates, the engine's settings, numerics and
+    devices (every part a param, so a change to any reruns the step)."""
+    method = config["methods"][wildcards.method]
+    parts = [step_command(wildcards), step_inputs(wildcards, input), f"--k {wildcards.k}",
+             f"--candidates {method['candidates']}", engine_options(wildcards), f"--numerics {config['numerics']}",
+             option("--device-map", "models/{model}/device_map")(wildcards), "--device auto", "--no-progress"]
+    return " ".join(p for p in parts if p)
+
+
 def step_inputs(wildcards, input):
     """`--model DIR --calib DIR [--prev step_<k-1>.json]` of a scoring job (derived from its inputs)."""
     prev = f" --prev {shlex.quote(input.prev[0])}" if input.prev else ""

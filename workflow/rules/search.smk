@@ -15,12 +15,7 @@ rule search_step:
     wildcard_constraints:
         method=methods_regex(sharded=False),
     params:
-        command=step_command,
-        candidates=lookup(dpath="methods/{method}/candidates", within=config),
-        numerics=config["numerics"],
-        engine=engine_options,
-        device_map=option("--device-map", "models/{model}/device_map"),
-        inputs=step_inputs,
+        arguments=step_arguments,
         code=lambda wildcards: code_hash(step_command(wildcards).split()[0]),
     message:
         "Search step {wildcards.k} of {wildcards.method} on {wildcards.model} / {wildcards.calib}"
@@ -34,10 +29,7 @@ rule search_step:
     resources:
         **job_resources("search_step"),
     shell:
-        "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli {params.command} {params.inputs}"
-        " --k {wildcards.k} --candidates {params.candidates} {params.engine} --numerics {params.numerics}"
-        " {params.device_map} --device auto"
-        " --no-progress"
+        "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli {params.arguments}"
         " --out {output.step:q} > {log} 2>&1"
 
 
@@ -51,12 +43,7 @@ rule search_shard:
     wildcard_constraints:
         method=methods_regex(sharded=True),
     params:
-        command=step_command,
-        candidates=lookup(dpath="methods/{method}/candidates", within=config),
-        numerics=config["numerics"],
-        engine=engine_options,
-        device_map=option("--device-map", "models/{model}/device_map"),
-        inputs=step_inputs,
+        arguments=step_arguments,
         code=code_hash("step"),
     message:
         "Search step {wildcards.k} of {wildcards.method} on {wildcards.model} / {wildcards.calib}: "
@@ -71,10 +58,7 @@ rule search_shard:
     resources:
         **job_resources("search_step"),
     shell:
-        "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli {params.command} {params.inputs}"
-        " --k {wildcards.k} --candidates {params.candidates} {params.engine} --numerics {params.numerics}"
-        " {params.device_map} --device auto"
-        " --no-progress"
+        "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli {params.arguments}"
         " --shard {wildcards.shard}/{wildcards.nshards} --out {output.shard:q} > {log} 2>&1"
 
 
