@@ -199,7 +199,8 @@ def decode_run(model, batch: int, prompt: int, new_tokens: int, device: torch.de
 def decode_bytes(pm, removed: list[str], kv_per_position: int, batch: int, context: float) -> float:
     """Bytes one decode step must read: the kept blocks' weights, the final norm and LM head
     (the embedding reads `batch` rows only), and every kept layer's KV cache over `context`
-    positions per sequence."""
+    positions per sequence (sliding-window layers too: the runs' 192 positions fit Gemma 3's
+    512-token window)."""
     from blockpruner.adapters import get_path
 
     element = next(pm.model.parameters()).element_size()
