@@ -83,7 +83,10 @@ def test_exactly_linear_removed_block_is_recovered(method):
 
 @pytest.mark.parametrize("arch,method", [("llama", "scale"), ("llama", "linear"), ("gemma3_text", "scale"),
                                          ("phi3", "linear")])
-def test_folding_equals_the_correction_applied_at_run_time(arch, method):
+def test_consistency_folded_weights_equal_the_run_time_correction(arch, method):
+    """A consistency check between two of the package's paths (hooks at run time, weights
+    folded); the correction's own value is checked independently by
+    test_exactly_linear_removed_block_is_recovered."""
     model = tiny_model(arch, num_hidden_layers=4)
     pm = PrunableModel.wrap(model)
     removed = ["attn.0", "attn.1", "mlp.1", "mlp.3"]  # attn.0 has no anchor: skipped and recorded

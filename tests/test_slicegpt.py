@@ -150,7 +150,10 @@ def test_manifest_records_the_slicing(compressed):
     assert not list(root.glob(".sliced*"))  # no temporary directory left
 
 
-def test_saved_directory_reloads_to_the_same_logits(compressed):
+def test_consistency_saved_directory_reloads_to_the_in_memory_logits(compressed):
+    """A consistency check between the in-memory slicing and its three loaders; the slicing is
+    checked independently by the full-width rotation tests and against the official code
+    (../shared/notes/measurements.md)."""
     from transformers import AutoModelForCausalLM
 
     root, manifest = compressed

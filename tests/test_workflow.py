@@ -414,8 +414,8 @@ def test_e2e_ci_study(tmp_path):
         assert 0 <= float(r["piqa"]) <= 1 and 0 <= float(r["average"]) <= 1
         assert float(r["tokens_per_s"]) > 0
     assert 0 < float(rows[1]["ratio"]) < float(rows[2]["ratio"]) < 0.1
-    for r in rows[1:]:
-        assert float(r["speedup"]) > 0 and 0 <= float(r["kv_cache_reduction"]) < 1
+    for r in rows[1:]:  # every layer of Gemma 3 270M caches the same width: the cache shrinks by removed attention
+        assert float(r["kv_cache_reduction"]) == pytest.approx(int(r["attn_removed"]) / 18, abs=1e-12)
     seq = list(csv.DictReader(open(main / "results/search/gemma3-270m/alpaca/blockpruner/sequence.csv")))
     assert [r["k"] for r in seq] == ["1", "2"]
     assert planned(main) == Counter()  # a second run has nothing to do
