@@ -25,7 +25,7 @@ from .adapters import adapter_for, text_config
 from .artifacts import read_json, sha256_file, sha256_text, write_json
 from .devices import resolve_device, torch_dtype
 from .errors import UserError
-from .modeling import pruned, sliced
+from .modeling import pruned, read_config, sliced
 
 FORMAT = "blockpruner.model/1"
 KINDS = ("prepared", "pruned", "sliced")
@@ -77,13 +77,6 @@ def verify_weights(directory: str | Path) -> None:
     for name, info in manifest["files"].items():
         if sha256_file(directory / name) != info["sha256"]:
             raise UserError(f"{directory / name}: content does not match its manifest's sha256; prepare the model again")
-
-
-def read_config(directory: str | Path) -> dict:
-    f = Path(directory) / "config.json"
-    if not f.exists():
-        raise UserError(f"{directory}: no config.json; prepare the model again")
-    return json.loads(f.read_text(encoding="utf-8"))
 
 
 def directory_kind(config: dict) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import json
 from pathlib import Path
 
 import torch
@@ -18,11 +17,10 @@ import torch
 from ..devices import resolve_device, torch_dtype
 from ..errors import UserError
 from .. import branch
-from . import pruned_modeling
+from . import pruned_modeling, read_config
 
 FORMAT = "blockpruner.pruned/1"
 MODELING_FILE = "modeling_blockpruner.py"
-
 
 BRANCH_IMPORT = "from ..branch import branch_output, keyword_args\n"
 
@@ -33,8 +31,8 @@ def standalone_source(module) -> str:
     source = inspect.getsource(module)
     if source.count(BRANCH_IMPORT) != 1:
         raise ValueError(f"{module.__name__} must import the branch runner once, as {BRANCH_IMPORT.strip()!r}")
-    tree = ast.parse(inspect.getsource(branch))
-    code = inspect.getsource(branch).splitlines(keepends=True)[tree.body[0].end_lineno:]
+    runner = inspect.getsource(branch)
+    code = runner.splitlines(keepends=True)[ast.parse(runner).body[0].end_lineno:]  # after the docstring
     inlined = "# -- the residual branch, from blockpruner/branch.py ".ljust(92, "-") + "\n" + "".join(code).strip("\n") + "\n\n"
     return source.replace(BRANCH_IMPORT, inlined)
 
@@ -57,10 +55,7 @@ def modeling_source(config_cls: type, model_cls: type) -> str:
 
 
 def read_pruned_config(path: str | Path) -> dict:
-    f = Path(path) / "config.json"
-    if not f.exists():
-        raise UserError(f"{path}: no config.json; give a directory written by `blockpruner materialize`")
-    d = json.loads(f.read_text(encoding="utf-8"))
+    d = read_config(path, "give a directory written by `blockpruner materialize`")
     if "pruned_layers" not in d or d.get("pruning", {}).get("format") != FORMAT:
         raise UserError(f"{path}: not a materialised pruned model (config.json has no {FORMAT} pruning record)")
     return d

@@ -8,13 +8,12 @@ this transformers, never from the directory's Python.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from . import sliced_modeling
+from . import read_config, sliced_modeling
 from .pruned import bound_modeling_source
 from .sliced_modeling import FORMAT
 
@@ -28,10 +27,7 @@ def modeling_source(config_cls: type, model_cls: type) -> str:
 
 
 def read_sliced_config(path: str | Path) -> dict:
-    f = Path(path) / "config.json"
-    if not f.exists():
-        raise UserError(f"{path}: no config.json; give a directory written by SliceGPT compression")
-    d = json.loads(f.read_text(encoding="utf-8"))
+    d = read_config(path, "give a directory written by SliceGPT compression")
     if d.get("slicegpt", {}).get("format") != FORMAT:
         raise UserError(f"{path}: not a SliceGPT-sliced model (config.json has no {FORMAT} record)")
     return d
