@@ -17,6 +17,7 @@ from blockpruner.errors import UserError
 from blockpruner.eval import wikitext, zeroshot
 
 from .conftest import DATA, FULL_DATA, RECORDS, require_shared, tiny_model
+from .references import reference_model, reference_piqa_acc_norm, reference_wikitext_ppl
 
 EVALS = DATA / "evals"
 WIKI_ROWS = DATA / "wikitext2" / "test.rows.jsonl"
@@ -368,7 +369,9 @@ def test_gemma_wikitext_perplexity(gemma_dir):
     r = wikitext.wikitext_perplexity(gemma_dir, str(WIKI_ROWS), seqlen=256, max_windows=2, device="cpu", progress=False)
     assert r["windows"] == 2 and r["predicted_tokens"] == 510
     assert r["stream_tokens"] > (250_000 if FULL_DATA else 20_000)  # the whole file was read
-    assert math.isfinite(r["ppl"]) and 5 < r["ppl"] < 500, r["ppl"]
+    rows = [json.loads(line)["text"] for line in open(WIKI_ROWS)]
+    model, tok = reference_model(gemma_dir)
+    assert r["ppl"] == pytest.approx(reference_wikitext_ppl(model, tok, rows, seqlen=256, windows=2), rel=1e-5)
     print(f"gemma wikitext2 ppl (2 x 256 tokens): {r['ppl']:.3f}")
 
 
@@ -383,8 +386,11 @@ def test_gemma_lm_eval_local(gemma_dir, tmp_path):
                  "--limit", "5", "--batch-size", "5", "--device", "cpu", "--out", str(out)]) == 0
     r = read_json(out, zeroshot.FORMAT_TASKS)
     assert set(r["tasks"]) == {"piqa", "winogrande"} and r["limit"] == 5
+    docs = [json.loads(line) for line in open(EVALS / "piqa/valid.jsonl")][:5]
+    labels = [int(x) for x in (EVALS / "piqa/valid-labels.lst").read_text().split()][:5]
+    assert r["tasks"]["piqa"]["value"] == reference_piqa_acc_norm(*reference_model(gemma_dir), docs, labels)
     for name, t in r["tasks"].items():
-        assert t["n"] == 5 and 0 <= t["value"] <= 1 and 0 <= t["acc"] <= 1
+        assert t["n"] == 5
         assert t["value"] * 5 == pytest.approx(round(t["value"] * 5))  # a count of right answers out of 5
         assert len(t["correct"]) == 5 and sum(t["correct"]) / 5 == pytest.approx(t["value"])  # lm-eval's own mean
     assert r["tasks"]["winogrande"]["metric"] == "acc" and r["tasks"]["piqa"]["metric"] == "acc_norm"
