@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import UserError
+from .errors import DiskFull, UserError, no_space
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -39,9 +39,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and no_space(e):
+            raise DiskFull(f"{path}: no space left on the device ({e.strerror}); the file as it was before is "
+                           "intact (nothing half-written is left): free space and rerun") from None
         raise
     return path
 
@@ -70,8 +73,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and no_space(e):
+            raise DiskFull(f"{out}: no space left on the device ({e.strerror}); the directory was not replaced: "
+                           "free space and rerun") from None
         raise
 
 

@@ -124,7 +124,8 @@ def gpu_study(main: Path) -> str:
 def uncommented_gpu_profile(main: Path) -> str:
     """A copy of the profile with its commented GPU block (partition + gpu_model) switched on."""
     lines = PROFILE.read_text().splitlines()
-    out = [line for line in lines if not re.match(r"^  measure_speed:$|^    (# timing|slurm_extra)", line)]
+    out = [line for line in lines if not re.match(r"^  (measure_speed|search_step|search_shard):$|^    (# timing|slurm_extra)",
+                                                  line)]
     out = [re.sub(r"^  # (\w+:)$", r"  \1", line) for line in out]
     out = [re.sub(r"^  #   (\w+: .*)$", r"    \1", line) for line in out]
     dest = main / "profiles/slurm-gpu"
@@ -152,7 +153,7 @@ def test_profile_parses_and_leaves_resources_to_the_study():
     # for every rule (cpus_per_task would override each rule's threads)
     assert not {"cpus_per_task", "mem_mb", "runtime", "gpu", "gpu_model", "gres"} & defaults.keys()
     for rule, res in (profile.get("set-resources") or {}).items():
-        assert rule in HEAVY, rule
+        assert rule in HEAVY | {"search_shard"}, rule
         # gpu_model would be sent as --gpus=<model>:0 for a study with gpu: 0 (see below)
         assert not {"gpu", "gpu_model", "gres"} & res.keys(), (rule, res)
 
@@ -173,6 +174,8 @@ def test_ci_study_jobs_request_cpus_memory_time_and_no_gpu(fresh):
         assert f"--mem {res['mem_mb']}" in line and f"-t {res['runtime']}" in line, line
         assert f"--cpus-per-task={job['threads']}" in line, line
         assert ("--exclusive" in line) == (job["rule"] == "measure_speed"), line
+        # a step stops cleanly before its time limit and resumes in the next job
+        assert ("--signal=TERM@120" in line) == (job["rule"] in ("search_step", "search_shard")), line
     assert all("--mem 4000" in line and "-t 30" in line for line in calls["search_step"])
 
 

@@ -4,7 +4,8 @@ Each command is `@command(name, its_arguments, help=...)` over a function that c
 package, in the module of its stage (`data`, `search`, `prune`, `evaluate`, `report`); this
 module only builds the parser from them and dispatches. Every command checks its arguments and
 the artifacts it reads before loading a model, and a `UserError` is printed as one line
-(`blockpruner: error: ...`) with exit status 2.
+(`blockpruner: error: ...`) with exit status 2; a step stopped by SIGTERM or SIGINT says how to
+resume it (`blockpruner: stopped: ...`) and exits with status 75 (`errors.EXIT_RESUMABLE`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from ..errors import UserError
+from ..errors import EXIT_RESUMABLE, Resumable, UserError
 from ..version import __version__
 from . import data, search, prune, evaluate, report  # in stage order: each registers its commands as it is imported
 from .common import COMMANDS, DESCRIPTION
@@ -42,4 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"blockpruner: error: {e}", file=sys.stderr)
         return 2
+    except Resumable as e:
+        print(f"blockpruner: stopped: {e}", file=sys.stderr)
+        return EXIT_RESUMABLE
     return 0

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import Resumable, UserError
 from ..search import HEAD_BOUND_COLUMNS
 from .common import command, model_args, numerics_arg, progress_arg, window_batch_arg
 
@@ -44,14 +44,24 @@ def step_args(p: argparse.ArgumentParser) -> None:
                    help="screened (approximate) step: consider only the R blocks whose layers have the lowest Block "
                         "Influence on the current model")
     p.add_argument("--out", required=True, help="output step_<k>.json (with --shard: the shard's partial artifact)")
+    p.add_argument("--log-every", type=float, default=60.0, metavar="S",
+                   help="log a progress line every S seconds: candidates finished, candidate-windows done, the best so "
+                        "far, time left (default 60; for logs on a cluster, where the bar is unreadable)")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the step's journal (<out>.journal) and start the step from its beginning (default: "
+                        "resume from the journal a killed or stopped run of the same step left)")
     numerics_arg(p)
     progress_arg(p)
 
 
 @command("step", step_args, help="one greedy search step -> step_<k>.json",
          description="Evaluate every remaining block on top of step k-1's removals and remove the one giving the lowest "
-                     "calibration perplexity. Ties: attention before MLP, then ascending layer.")
+                     "calibration perplexity. Ties: attention before MLP, then ascending layer. Finished work is "
+                     "journaled in <out>.journal: a step killed, or stopped by SIGTERM / SIGINT (exit status 75), "
+                     "resumes where it was when rerun, and writes what an uninterrupted run writes.")
 def cmd_step(a: argparse.Namespace) -> None:
+    import torch
+
     from ..blocks import PrunableModel
     from ..numerics import Numerics
     from ..data.calibration import load_calibration
@@ -60,7 +70,9 @@ def cmd_step(a: argparse.Namespace) -> None:
     from ..compensate.fit import check_method
     from ..compensate.search import step_scorer
     from ..engine.forward import window_batch_for
-    from ..search.greedy import COMPENSATIONS, StepSettings, check_budget, load_previous, parse_shard, search_step
+    from ..search.greedy import (COMPENSATIONS, StepSettings, check_budget, journal_key, load_previous, parse_shard,
+                                 search_step)
+    from ..search.journal import NO_JOURNAL, Journal, StepInterrupted, interruptible, journal_path
     from ..steps import step_inputs, write_shard, write_step
 
     bound = {} if a.head_bound_columns is None else {"head_bound_columns": a.head_bound_columns}
@@ -79,12 +91,30 @@ def cmd_step(a: argparse.Namespace) -> None:
     removed, prev = load_previous(a.prev, a.k, manifest["content_hash"], calib.hash, settings)
     check_budget(manifest["num_layers"], removed, settings, a.k)
     numerics = Numerics(a.numerics)
-    model, _, _ = load_model_dir(a.model, numerics.load_dtype(a.dtype), a.device, a.device_map, tokenizer=False)
-    record = search_step(numerics.apply(PrunableModel.wrap(model)), calib.windows, a.k, removed, settings,
-                         step_inputs(a.model, manifest, a.calib, calib.hash, a.prev),
-                         progress=not a.no_progress, prev=prev, early_stop=not a.no_early_stop, shard=shard,
-                         score_compensated=step_scorer(alpha) if compensated else None)
+    inputs = step_inputs(a.model, manifest, a.calib, calib.hash, a.prev)
+    dtype = numerics.load_dtype(a.dtype)
+    device = "cuda" if a.device_map else resolve_device(a.device)
+    path = journal_path(a.out)
+    if a.fresh:
+        path.unlink(missing_ok=True)
+    journal = NO_JOURNAL if compensated else Journal.open(path, journal_key(
+        a.k, removed, settings, inputs, prev=prev, early_stop=not a.no_early_stop, shard=shard,
+        device=torch.device(device).type, dtype=dtype or manifest["dtype"]))
+    model, _, _ = load_model_dir(a.model, dtype, a.device, a.device_map, tokenizer=False)
+    try:
+        with interruptible(journal):
+            record = search_step(numerics.apply(PrunableModel.wrap(model)), calib.windows, a.k, removed, settings,
+                                 inputs, progress=not a.no_progress, prev=prev, early_stop=not a.no_early_stop,
+                                 shard=shard, score_compensated=step_scorer(alpha) if compensated else None,
+                                 journal=journal, log_every_s=a.log_every)
+    except StepInterrupted:
+        raise Resumable(f"step {a.k} was asked to stop; the {journal.written} units of work it finished in this run "
+                        f"are in {path} (with what earlier runs left): rerun the same command, or the workflow, to "
+                        "resume from there") from None
+    finally:
+        journal.close()
     (write_shard if shard else write_step)(a.out, record)
+    journal.remove()
 
 
 def gather_step_args(p: argparse.ArgumentParser) -> None:

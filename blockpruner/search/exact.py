@@ -34,6 +34,7 @@ window's NLL is still added in window order.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from ..engine.forward import (Score, WindowContext, capture_window, head_nll, ru
 from ..engine.head_bound import (BoundWindow, bound_columns, bound_head, bound_stages, head_lower_bound,
                                  usable_head_bound)
 from . import HEAD_BOUND_COLUMNS
+from .journal import NO_JOURNAL, Scope
 
 BOUND_CACHE_BYTES = 1 << 30  # final-normed states kept for the candidates the bound does not cut
 
@@ -119,13 +121,30 @@ def _check_candidates(pm: PrunableModel, scores: Iterable[Score]) -> None:
             raise ValueError(f"candidate {s.block} is not a remaining block of the model")
 
 
+def _state(s: Score) -> dict:
+    """A score as the journal records it: the whole state, so that replaying it is exact."""
+    return {"nll_sum": s.nll_sum, "tokens": s.tokens, "status": s.status, "windows": s.windows_done,
+            "lower_bound": s.lower_bound}
+
+
+def _restore(s: Score, d: dict) -> None:
+    s.nll_sum, s.tokens, s.status, s.windows_done, s.lower_bound = (d["nll_sum"], d["tokens"], d["status"], d["windows"],
+                                                                    d["lower_bound"])
+
+
+def _columns_record(columns: Sequence[torch.Tensor]) -> list[list[int]]:
+    return [c.tolist() for c in columns]
+
+
 @torch.no_grad()
 def _score_windows(pm: PrunableModel, windows: Iterable[torch.Tensor], scores: Sequence[Score], bound: float | None,
-                   cost: Cost, on_progress: Callable[[int], None] | None = None,
-                   masses: list[torch.Tensor] | None = None, batch: int = 1) -> None:
+                   cost: Cost, on_progress: Callable[..., None] | None = None,
+                   mass_stages: Sequence[int] | None = None, columns: list | None = None, batch: int = 1,
+                   journal: Scope = NO_JOURNAL.scope("")) -> None:
     """Accumulate each window's NLL into every live (`done`) score, walking the blocks once per
-    batch of `batch` windows (`_suffix_states`). With `masses` (one score), each window's column
-    mass is appended to it (`head_nll(mass=...)`)."""
+    batch of `batch` windows (`_suffix_states`). With `mass_stages` (one score), each window's
+    head-bound columns at each stage (`bound_columns` of its column mass) are appended to
+    `columns`. A candidate's batch recorded in `journal` is replayed, not computed."""
     removed = set(pm.removed)
     _check_candidates(pm, scores)
     windows = list(windows)
@@ -134,27 +153,45 @@ def _score_windows(pm: PrunableModel, windows: Iterable[torch.Tensor], scores: S
         alive = {s.block: s for s in scores if s.status == "done"}
         if not alive:
             break
+        ids = None
+        for name, s in list(alive.items()):
+            if (d := journal.get(group.start, name)) is not None:
+                _restore(s, d["score"])
+                if mass_stages is not None:
+                    columns.extend([torch.tensor(c, dtype=torch.long) for c in per_stage] for per_stage in d["columns"])
+                del alive[name]
+                if on_progress:
+                    on_progress(len(group), s, True)
+        if not alive:
+            continue
         ids = stack_windows(pm, windows, group)
         ctx = capture_window(pm, ids)
         cost.windows += len(group)
         mass = None
-        if masses is not None:
+        if mass_stages is not None:
             weight = get_path(pm.model, pm.adapter.lm_head).weight
             mass = torch.zeros(len(group), weight.shape[0], device=weight.device)
-            masses.extend(mass.unbind(0))
         for name, x in _suffix_states(pm, ctx, alive, removed, cost):
-            _add_batch_nll(pm, x, ids, alive[name], bound, cost, last_batch=group is groups[-1], mass=mass)
+            s = alive[name]
+            _add_batch_nll(pm, x, ids, s, bound, cost, last_batch=group is groups[-1], mass=mass)
             del x
+            record = {"score": _state(s)}
+            if mass is not None:
+                chosen = [[bound_columns(mass[r], ids[r : r + 1], n) for n in mass_stages] for r in range(len(group))]
+                columns.extend(chosen)
+                record["columns"] = [_columns_record(c) for c in chosen]
+            journal.put(group.start, name, record)
             if on_progress:
-                on_progress(len(group))
+                on_progress(len(group), s)
         del ctx
+        journal.sync()
 
 
 @torch.no_grad()
 def _score_bounded(pm: PrunableModel, windows: Sequence[torch.Tensor], scores: Sequence[Score], bound: float,
                    columns: Sequence[Sequence[torch.Tensor]], cost: Cost,
-                   on_progress: Callable[[int], None] | None = None, first: dict[str, torch.Tensor] | None = None,
-                   batch: int = 1) -> None:
+                   on_progress: Callable[..., None] | None = None, first: dict[str, torch.Tensor] | None = None,
+                   batch: int = 1, journal: Scope = NO_JOURNAL.scope("")) -> None:
     """`_score_windows` with `bound`, cutting with the head bound first, `batch` windows per walk.
 
     columns[s][i]: the bound's columns on window i at stage s (`bound_stages`; each stage's
@@ -170,68 +207,146 @@ def _score_bounded(pm: PrunableModel, windows: Sequence[torch.Tensor], scores: S
     states or by running their blocks again: the same tensors, the same sums. Each window's
     exact NLL replaces its lower bound, and a survivor is cut as soon as its exact NLL so far
     plus the lower bounds of the windows ahead exceeds `bound`.
+
+    Resuming from `journal`: which states pass 1 kept is recorded with their sizes, so the
+    cache holds what an uninterrupted run holds; a kept state that a replayed unit did not
+    compute in this process is computed again when a later stage or pass 2 needs it, from the
+    same batch of windows (`restore`), so that it is the same tensor.
     """
     head = bound_head(pm)
     removed = set(pm.removed)
     _check_candidates(pm, scores)
     live = {s.block: s for s in scores if s.status == "done"}
     window_lower: dict[str, list[float]] = {b: [] for b in live}  # the head bound per window
-    kept: dict[tuple[str, int], torch.Tensor] = {}
+    kept_sizes: dict[tuple[str, int], int] = {}  # the states pass 1 keeps, and their bytes
+    kept: dict[tuple[str, int], torch.Tensor] = {}  # those of them in memory
     kept_bytes = 0
 
     def lower(name: str) -> float:
         return live[name].nll_sum + sum(window_lower[name])
 
-    def cut(name: str) -> None:
+    def drop(name: str) -> None:
         nonlocal kept_bytes
-        live[name].status, live[name].lower_bound = "bounded", lower(name)
         del live[name]
         for j in range(len(windows)):
-            gone = kept.pop((name, j), None)
-            kept_bytes -= 0 if gone is None else gone.numel() * gone.element_size()
+            kept.pop((name, j), None)
+            kept_bytes -= kept_sizes.pop((name, j), 0)
+
+    def cut(name: str) -> None:
+        live[name].status, live[name].lower_bound = "bounded", lower(name)
+        drop(name)
 
     def row(states: torch.Tensor, r: int) -> torch.Tensor:
         return states if states.shape[0] == 1 else states[r : r + 1].clone()  # a kept row frees its batch
 
     # the first window alone where `first` holds its states, so those are not run again
-    groups = ([range(0, 1)] + window_groups(windows, batch, 1)) if first else window_groups(windows, batch)
+    groups = ([range(0, 1)] + window_groups(windows, batch, 1)) if first is not None else window_groups(windows, batch)
+
+    def restore(i: int, names: Iterable[str]) -> None:
+        """Kept states of `names` from window i on that are not in memory (a replayed unit's),
+        computed again from pass 1's batch holding window i: the same tensors."""
+        names = sorted((b for b in names if (b, i) in kept_sizes and (b, i) not in kept), key=block_index)
+        group = next(g for g in groups if i in g)
+        for name, normed in _normed_states(pm, stack_windows(pm, windows, group), names, removed, cost):
+            for r, j in enumerate(group):
+                if j >= i and (name, j) in kept_sizes and (name, j) not in kept:
+                    kept[name, j] = row(normed, r)
+
+    part = journal.scope("pass1")
     for group in groups:
         if not live:
             break
+        replayed = set()
+        for name in list(live):  # the units recorded: a prefix of the group's, in block order
+            if (d := part.get(group.start, name)) is not None:
+                s = live[name]
+                replayed.add(name)
+                window_lower[name].extend(d["lower"])
+                for j, size in d["kept"]:
+                    kept_sizes[name, j] = size
+                    kept_bytes += size
+                _restore(s, d["score"])
+                if s.status != "done":
+                    drop(name)
+                if on_progress:
+                    on_progress(len(group), s, True)
+        todo = sorted((b for b in live if b not in replayed), key=block_index)
+        if not todo:
+            continue
         ids = stack_windows(pm, windows, group)
         given = (first or {}) if group.start == 0 else {}
-        todo = [b for b in live if b not in given]
         bws = [BoundWindow.of(head, columns[0][i]) for i in group]
-        for name, normed in chain(((b, given.pop(b)) for b in list(live) if b in given),
-                                  _normed_states(pm, ids, todo, removed, cost)):
+        states = heapq.merge(((b, given.pop(b)) for b in todo if b in given),
+                             _normed_states(pm, ids, [b for b in todo if b not in given], removed, cost),
+                             key=lambda item: block_index(item[0]))
+        for name, normed in states:
+            s, added, kept_now = live[name], [], []
             for r, i in enumerate(group):
                 x = row(normed, r)
-                window_lower[name].append(head_lower_bound(pm, x, ids[r : r + 1], bws[r], cost))
+                value = head_lower_bound(pm, x, ids[r : r + 1], bws[r], cost)
+                window_lower[name].append(value)
+                added.append(value)
                 if lower(name) > bound:
                     cut(name)
                     break
-                if kept_bytes + x.numel() * x.element_size() <= BOUND_CACHE_BYTES:
-                    kept[name, i] = x
-                    kept_bytes += x.numel() * x.element_size()
+                size = x.numel() * x.element_size()
+                if kept_bytes + size <= BOUND_CACHE_BYTES:
+                    kept[name, i], kept_sizes[name, i] = x, size
+                    kept_bytes += size
+                    kept_now.append([i, size])
             del normed
+            part.put(group.start, name, {"lower": added, "kept": kept_now, "score": _state(s)})
             if on_progress:
-                on_progress(len(group))
-        del bws
-    for stage in columns[1:]:
+                on_progress(len(group), s)
+        del bws, states
+        part.sync()
+    for k, stage in enumerate(columns[1:], start=1):
+        part = journal.scope(f"stage{k}")
         for i, ids in enumerate(window_batches(pm, windows)):
-            names = [b for b in live if (b, i) in kept]
-            bw = BoundWindow.of(head, stage[i]) if names else None
+            names = [b for b in live if (b, i) in kept_sizes]
+            if not names:
+                continue
+            if (d := part.get(i)) is not None:
+                for name in names:
+                    window_lower[name][i] = d["lower"][name]
+                    if lower(name) > bound:
+                        cut(name)
+                continue
+            restore(i, names)
+            bw = BoundWindow.of(head, stage[i])
+            values = {}
             for name in names:
-                window_lower[name][i] = max(window_lower[name][i], head_lower_bound(pm, kept[name, i], ids, bw, cost))
+                window_lower[name][i] = values[name] = max(window_lower[name][i],
+                                                           head_lower_bound(pm, kept[name, i], ids, bw, cost))
                 if lower(name) > bound:
                     cut(name)
             del bw
-    groups = window_groups(windows, batch)
-    for group in groups:
+            part.put(i, {"lower": values})
+        part.sync()
+    part = journal.scope("pass2")
+    groups2 = window_groups(windows, batch)
+
+    def forget(name: str, group: range, status: str) -> None:
+        """Drop the kept states a candidate no longer needs: this batch's, or all ahead once it is out."""
+        for j in (group if status == "done" else range(group.start, len(windows))):
+            kept.pop((name, j), None)
+            kept_sizes.pop((name, j), None)
+
+    for group in groups2:
         alive = {b: s for b, s in live.items() if s.status == "done"}
         if not alive:
             break
+        for name, s in list(alive.items()):
+            if (d := part.get(group.start, name)) is not None:
+                _restore(s, d["score"])
+                del alive[name]
+                forget(name, group, s.status)
+        if not alive:
+            continue
         ids = stack_windows(pm, windows, group)
+        whole = [b for b in alive if all((b, i) in kept_sizes for i in group)]  # pass 1 kept the batch
+        for i in group:
+            restore(i, whole)
         for name, normed in _normed_states(pm, ids, [b for b in alive if any((b, i) not in kept for i in group)],
                                            removed, cost):
             for r, i in enumerate(group):
@@ -239,12 +354,12 @@ def _score_bounded(pm: PrunableModel, windows: Sequence[torch.Tensor], scores: S
         for name, s in alive.items():
             rows = [kept.pop((name, i)) for i in group]
             _add_batch_nll(pm, rows[0] if len(rows) == 1 else torch.cat(rows), ids, s, bound, cost,
-                           last_batch=group is groups[-1], normed=True,
+                           last_batch=group is groups2[-1], normed=True,
                            ahead=[sum(window_lower[name][i + 1:]) for i in group])
             del rows
-            if s.status != "done":
-                for j in range(group.stop, len(windows)):
-                    kept.pop((name, j), None)
+            forget(name, group, s.status)
+            part.put(group.start, name, {"score": _state(s)})
+        part.sync()
     kept.clear()
 
 
@@ -262,35 +377,44 @@ def _normed_states(pm: PrunableModel, ids: torch.Tensor, blocks: Sequence[str], 
 
 @torch.no_grad()
 def _seed_by_bound(pm: PrunableModel, window: torch.Tensor, candidates: Sequence[Score], columns: int,
-                   cost: Cost, states: dict[str, torch.Tensor]) -> str | None:
+                   cost: Cost, states: dict[str, torch.Tensor], journal: Scope = NO_JOURNAL.scope("")) -> str | None:
     """A seed without scoring every candidate's head: the candidate with the lowest head bound
     on `window`, from columns chosen by the current model's logits there (any seed is exact;
     a good one cuts more). The candidates' final-normed states there go into `states` (up to
-    `BOUND_CACHE_BYTES`), for `_score_bounded` to reuse."""
+    `BOUND_CACHE_BYTES`), for `_score_bounded` to reuse. A candidate's bound recorded in
+    `journal` is replayed, not computed."""
     removed = set(pm.removed)
     _check_candidates(pm, candidates)
     live = {s.block: s for s in candidates if s.status == "done"}
     if not live:
         return None
-    (ids,) = window_batches(pm, [window])
-    ctx = capture_window(pm, ids)
-    cost.windows += 1
-    weight = get_path(pm.model, pm.adapter.lm_head).weight
-    mass = torch.zeros(weight.shape[0], device=weight.device)
-    head_nll(pm, run_blocks(pm, ctx, ctx.hidden, cost, skip=removed), ids, cost, mass=mass)
-    bw = BoundWindow.of(bound_head(pm), bound_columns(mass, ids, columns))
-    final_norm = get_path(pm.model, pm.adapter.final_norm)
     lower = {}
-    kept_bytes = 0
-    for name, x in _suffix_states(pm, ctx, list(live), removed, cost):
-        normed = final_norm(x)
-        del x
-        value = live[name].nll_sum + head_lower_bound(pm, normed, ids, bw, cost)
-        if math.isfinite(value):
-            lower[name] = value
-        if kept_bytes + normed.numel() * normed.element_size() <= BOUND_CACHE_BYTES:
-            states[name] = normed
-            kept_bytes += normed.numel() * normed.element_size()
+    for name in list(live):
+        if (d := journal.get(name)) is not None:
+            if d["lower"] is not None:
+                lower[name] = d["lower"]
+            del live[name]
+    if live:
+        (ids,) = window_batches(pm, [window])
+        ctx = capture_window(pm, ids)
+        cost.windows += 1
+        weight = get_path(pm.model, pm.adapter.lm_head).weight
+        mass = torch.zeros(weight.shape[0], device=weight.device)
+        head_nll(pm, run_blocks(pm, ctx, ctx.hidden, cost, skip=removed), ids, cost, mass=mass)
+        bw = BoundWindow.of(bound_head(pm), bound_columns(mass, ids, columns))
+        final_norm = get_path(pm.model, pm.adapter.final_norm)
+        kept_bytes = 0
+        for name, x in _suffix_states(pm, ctx, list(live), removed, cost):
+            normed = final_norm(x)
+            del x
+            value = live[name].nll_sum + head_lower_bound(pm, normed, ids, bw, cost)
+            if math.isfinite(value):
+                lower[name] = value
+            if kept_bytes + normed.numel() * normed.element_size() <= BOUND_CACHE_BYTES:
+                states[name] = normed
+                kept_bytes += normed.numel() * normed.element_size()
+            journal.put(name, {"lower": lower.get(name)})
+        journal.sync()
     return min(lower, key=lambda b: (lower[b], tie_order(b))) if lower else None
 
 
@@ -302,8 +426,9 @@ def score_candidates(
     *,
     bound: float | None = None,
     cost: Cost | None = None,
-    on_progress: Callable[[int], None] | None = None,
+    on_progress: Callable[..., None] | None = None,
     batch: int = 1,
+    journal: Scope = NO_JOURNAL.scope(""),
 ) -> dict[str, Score]:
     """NLL over all windows of the current model with each candidate additionally removed.
 
@@ -314,7 +439,7 @@ def score_candidates(
     """
     cost = cost if cost is not None else Cost()
     scores = {c: Score(c) for c in candidates}
-    _score_windows(pm, windows, list(scores.values()), bound, cost, on_progress, batch=batch)
+    _score_windows(pm, windows, list(scores.values()), bound, cost, on_progress, batch=batch, journal=journal)
     return scores
 
 
@@ -352,8 +477,9 @@ def score_exact(
     start: dict[str, Score] | None = None,
     seed_from: str = "previous step",
     cost: Cost | None = None,
-    on_progress: Callable[[int], None] | None = None,
+    on_progress: Callable[..., None] | None = None,
     batch: int = 1,
+    journal: Scope = NO_JOURNAL.scope(""),
 ) -> ExactResult:
     """Exact scores of `candidates` with early stopping: the winner and every finished NLL
     are those of plain scoring; losers may be stopped with a partial NLL.
@@ -394,20 +520,21 @@ def score_exact(
         return [scores[c] for c in names if scores[c].status == "done"]
 
     if not early_stop or not candidates:
-        _score_windows(pm, windows, live(owned), None, cost, on_progress, batch=batch)
+        _score_windows(pm, windows, live(owned), None, cost, on_progress, batch=batch, journal=journal.scope("all"))
         return result
     seed = next((c for c in prefer if c in scores and scores[c].status == "done"), None)
     columns = usable_head_bound(pm, head_bound)
-    first_states: dict[str, torch.Tensor] = {}  # final-normed states on the first window, from `_seed_by_bound`
+    first_states: dict[str, torch.Tensor] | None = None  # final-normed states on the first window (`_seed_by_bound`)
     if seed is None and columns and windows:
-        seed, seed_from = (_seed_by_bound(pm, windows[0], [scores[c] for c in candidates], columns, cost, first_states),
-                           "head bound")
+        first_states = {}
+        seed, seed_from = (_seed_by_bound(pm, windows[0], [scores[c] for c in candidates], columns, cost, first_states,
+                                          journal.scope("seed-by-bound")), "head bound")
     if seed is not None and columns:  # the seed over every window, then the others bounded from the first
         rest = list(windows)
     else:
-        first_states.clear()  # they are of windows[0], which the others are not bounded on here
+        first_states = None  # they are of windows[0], which the others are not bounded on here
         first = candidates if seed is None else [c for c in candidates if c in set(owned) | {seed}]
-        _score_windows(pm, windows[:1], live(first), None, cost, on_progress)
+        _score_windows(pm, windows[:1], live(first), None, cost, on_progress, journal=journal.scope("first"))
         rest = list(windows[1:])
         if seed is None:
             best = _best(scores[c] for c in candidates)
@@ -415,10 +542,12 @@ def score_exact(
         elif scores[seed].status != "done":
             seed = None  # the preferred seed went non-finite; shards do not know the others' first window
     if seed is None:  # nothing finite bounds the others
-        _score_windows(pm, rest, live(owned), None, cost, on_progress, batch=batch)
+        _score_windows(pm, rest, live(owned), None, cost, on_progress, batch=batch, journal=journal.scope("unbounded"))
         return result
-    masses: list[torch.Tensor] | None = [] if columns and rest else None
-    _score_windows(pm, rest, [scores[seed]], None, cost, on_progress, masses=masses, batch=batch)
+    stages = bound_stages(pm, columns) if columns and rest else None
+    chosen: list = []  # per window, the head-bound columns at each stage
+    _score_windows(pm, rest, [scores[seed]], None, cost, on_progress, mass_stages=stages, columns=chosen, batch=batch,
+                   journal=journal.scope("seed"))
     total = scores[seed]
     bound = total.nll_sum if total.status == "done" else None
     result.seed, result.seed_from, result.bound = seed, seed_from, bound
@@ -427,11 +556,12 @@ def score_exact(
         for s in live(others):
             if s.nll_sum > bound:
                 s.status = "stopped"
-    if masses is not None and bound is not None:
-        chosen = [[bound_columns(m, x, n) for m, x in zip(masses, window_batches(pm, rest))]
-                  for n in bound_stages(pm, columns)]
+    if stages is not None and bound is not None:
+        device = get_path(pm.model, pm.adapter.lm_head).weight.device
+        by_stage = [[per_window[k].to(device) for per_window in chosen] for k in range(len(stages))]
         result.head_bound = columns
-        _score_bounded(pm, rest, live(others), bound, chosen, cost, on_progress, first_states, batch=batch)
+        _score_bounded(pm, rest, live(others), bound, by_stage, cost, on_progress, first_states, batch=batch,
+                       journal=journal.scope("bounded"))
         return result
-    _score_windows(pm, rest, live(others), bound, cost, on_progress, batch=batch)
+    _score_windows(pm, rest, live(others), bound, cost, on_progress, batch=batch, journal=journal.scope("others"))
     return result

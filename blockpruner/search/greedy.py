@@ -68,6 +68,7 @@ from ..engine.cost import Cost
 from ..engine.forward import Score, rank
 from ..steps import read_step, step_record
 from .exact import score_candidates, score_exact
+from .journal import NO_JOURNAL, Journal
 from .importance import layer_influence
 
 CANDIDATE_SETS = ("all", "attn", "mlp")
@@ -232,7 +233,7 @@ def _prefer(prev: dict | None) -> list[str]:
 
 
 def _screened(pm: PrunableModel, windows, cands: list[str], settings: StepSettings, early_stop: bool, cost: Cost,
-              on_progress) -> tuple[dict[str, Score], dict]:
+              on_progress, journal: Journal = NO_JOURNAL) -> tuple[dict[str, Score], dict]:
     """Screened scoring: BI preselection and/or screen on S windows + exact confirmation of the best M."""
     info: dict = {}
     if settings.bi_candidates is not None:
@@ -243,24 +244,76 @@ def _screened(pm: PrunableModel, windows, cands: list[str], settings: StepSettin
         info["bi_kept"] = cands
     if settings.screen_windows is None:
         res = score_exact(pm, windows, cands, early_stop=early_stop, head_bound=settings.head_bound_columns, cost=cost,
-                          on_progress=on_progress, batch=settings.window_batch)
+                          on_progress=on_progress, batch=settings.window_batch, journal=journal.scope("exact"))
         return res.scores, info | res.info()
     s_win = min(settings.screen_windows, len(windows))
-    screen = score_candidates(pm, windows[:s_win], cands, cost=cost, on_progress=on_progress, batch=settings.window_batch)
+    screen = score_candidates(pm, windows[:s_win], cands, cost=cost, on_progress=on_progress, batch=settings.window_batch,
+                              journal=journal.scope("screen"))
     order = [s.block for s in rank(screen) if s.status == "done"]
     kept = order[: settings.confirm_top]
     for b in order[settings.confirm_top:]:
         screen[b].status = "screened"
     res = score_exact(pm, windows[s_win:], sorted(kept, key=tie_order), prefer=kept, early_stop=early_stop,
                       head_bound=settings.head_bound_columns, start={b: screen[b] for b in kept}, seed_from="screen",
-                      cost=cost, on_progress=on_progress, batch=settings.window_batch)
+                      cost=cost, on_progress=on_progress, batch=settings.window_batch, journal=journal.scope("confirm"))
     info["confirmed"] = kept
     return screen | res.scores, info | res.info()
 
 
+def journal_key(k: int, removed: list[str], settings: StepSettings, inputs: dict, *, prev: dict | None,
+                early_stop: bool, shard: tuple[int, int] | None, device: str, dtype: str | None) -> dict:
+    """What a step's journal must have been made for to be replayed: everything its numbers
+    depend on (inputs' hashes, settings, the seed preference, the device type and dtype)."""
+    hashes = {k: v for k, v in inputs.items() if k.endswith("hash")}
+    return {"k": k, "removed": list(removed), "inputs": hashes, "settings": settings.as_dict(), "prefer": _prefer(prev),
+            "early_stop": early_stop, "shard": list(shard) if shard else None, "device": device, "dtype": dtype}
+
+
+class StepProgress:
+    """A step's progress: the bar, and every `every_s` seconds a log line a user on a cluster can
+    read (candidates finished of all, candidate-windows done, the best finished so far, an upper
+    bound on the time left from this run's rate; work replayed from the journal is counted apart)."""
+
+    def __init__(self, k: int, candidates: int, windows: int, bar, every_s: float = 60.0):
+        self.k, self.candidates, self.windows, self.bar = k, candidates, windows, bar
+        self.total, self.done, self.replayed, self.every_s = candidates * windows, 0, 0, every_s
+        self.scores: dict[str, Score] = {}
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, n: int, score: Score | None = None, replayed: bool = False) -> None:
+        self.bar.update(n)
+        self.done += n
+        self.replayed += n if replayed else 0
+        if score is not None:
+            self.scores[score.block] = score
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            log.info("%s", self.line(now))
+
+    def line(self, now: float) -> str:
+        finished = [s for s in self.scores.values() if s.status != "done" or s.windows_done >= self.windows]
+        full = [s for s in finished if s.status == "done"]
+        best = min(full, key=lambda s: (s.nll_sum, tie_order(s.block)), default=None)
+        computed = self.done - self.replayed
+        eta = (now - self.t0) / computed * max(self.total - self.done, 0) if computed else math.inf
+        return (f"step {self.k}: {len(finished)}/{self.candidates} candidates finished, "
+                f"{self.done}/{self.total} candidate-windows ({self.replayed} from the journal), best so far "
+                f"{f'{best.block} (ppl {best.ppl:.4f})' if best else '-'}, at most {_duration(eta)} left")
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
 def search_step(pm: PrunableModel, windows, k: int, removed: list[str], settings: StepSettings, inputs: dict,
                 progress: bool = True, *, prev: dict | None = None, early_stop: bool = True,
-                shard: tuple[int, int] | None = None, score_compensated: CompensatedScorer | None = None) -> dict:
+                shard: tuple[int, int] | None = None, score_compensated: CompensatedScorer | None = None,
+                journal: Journal = NO_JOURNAL, log_every_s: float = 60.0) -> dict:
     """Score the candidates on top of `removed`, choose the best, return the step record.
 
     prev: the previous step's record; its ranking picks the early-stop seed (any order is
@@ -268,6 +321,9 @@ def search_step(pm: PrunableModel, windows, k: int, removed: list[str], settings
     shard: (i, n) -> score only shard i of n and return a partial record for `gather_shards`.
     score_compensated: how a compensation-aware step scores its candidates
       (`compensate.search.step_scorer`), handed in so that the search does not depend on it.
+    journal: where finished units of work are recorded and, on a rerun, replayed (`journal`);
+      a compensation-aware step records none (it restarts from its beginning).
+    log_every_s: seconds between the progress lines of the log (`StepProgress`).
     """
     from tqdm.auto import tqdm
 
@@ -281,19 +337,23 @@ def search_step(pm: PrunableModel, windows, k: int, removed: list[str], settings
     owned = shard_candidates(cands, shard)
     total = len(owned) * len(windows)
     with tqdm(total=total, desc=f"step {k}", unit="cand·win", disable=not progress) as bar:
+        on_progress = StepProgress(k, len(owned), len(windows), bar, log_every_s)
         if settings.compensation != "none":
             if score_compensated is None:
                 raise UserError("a compensation-aware step needs its scorer: search_step(..., "
                                 "score_compensated=compensate.search.step_scorer(alpha))")
-            scores = score_compensated(pm, windows, removed, owned, cost, bar.update)
+            scores = score_compensated(pm, windows, removed, owned, cost, on_progress)
             info = {"early_stop": False, "compensation": settings.compensation}
         elif settings.mode == "exact":
             res = score_exact(pm, windows, cands, prefer=_prefer(prev), early_stop=early_stop,
-                              head_bound=settings.head_bound_columns, owned=owned, cost=cost, on_progress=bar.update,
-                              batch=settings.window_batch)
+                              head_bound=settings.head_bound_columns, owned=owned, cost=cost, on_progress=on_progress,
+                              batch=settings.window_batch, journal=journal.scope("exact"))
             scores, info = res.scores, res.info()
         else:
-            scores, info = _screened(pm, windows, cands, settings, early_stop, cost, bar.update)
+            scores, info = _screened(pm, windows, cands, settings, early_stop, cost, on_progress, journal)
+    if journal.path is not None:
+        log.info("step %d: %d units of work replayed from %s, %d computed in this run", k, journal.reused, journal.path,
+                 journal.written)
     info = {"mode": settings.mode, **info}
     elapsed = time.perf_counter() - t0
     if shard is not None:

@@ -3,6 +3,8 @@
 # BlockPruner step is scored as N search_shard jobs (every N-th candidate in the tie order,
 # one GPU each) and gather_step writes the step from them; otherwise search_step scores the
 # step in one job.  tabulate_search lists the removal sequence for a person to read.
+# A step job killed or stopped (SIGTERM: exit status 75) leaves its journal beside its output;
+# the retries (search.retries) and any later run resume from it (their log says so).
 
 
 rule search_step:
@@ -28,6 +30,7 @@ rule search_step:
     threads: rule_resources("search_step")["threads"]
     resources:
         **job_resources("search_step"),
+    retries: config["search"]["retries"]
     shell:
         "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli {params.arguments}"
         " --out {output.step:q} > {log} 2>&1"
@@ -57,6 +60,7 @@ rule search_shard:
     threads: rule_resources("search_step")["threads"]
     resources:
         **job_resources("search_step"),
+    retries: config["search"]["retries"]
     shell:
         "python -m blockpruner.gpus {resources.gpu} -- python -m blockpruner.cli {params.arguments}"
         " --shard {wildcards.shard}/{wildcards.nshards} --out {output.shard:q} > {log} 2>&1"
