@@ -334,6 +334,7 @@ def search_step(pm: PrunableModel, windows, k: int, removed: list[str], settings
     t0 = time.perf_counter()
     pm.set_removed(removed)
     cost = Cost()
+    journal.track(cost)
     owned = shard_candidates(cands, shard)
     total = len(owned) * len(windows)
     with tqdm(total=total, desc=f"step {k}", unit="cand·win", disable=not progress) as bar:
@@ -354,6 +355,7 @@ def search_step(pm: PrunableModel, windows, k: int, removed: list[str], settings
     if journal.path is not None:
         log.info("step %d: %d units of work replayed from %s, %d computed in this run", k, journal.reused, journal.path,
                  journal.written)
+        cost = journal.spent()  # the work of every run of the step
     info = {"mode": settings.mode, **info}
     elapsed = time.perf_counter() - t0
     if shard is not None:

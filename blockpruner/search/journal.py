@@ -6,11 +6,14 @@ bound's per-window lower bounds), never a delta, so that replaying it gives exac
 floats an uninterrupted run holds. A rerun of the same step reads the journal, skips every
 recorded unit and recomputes only what was in flight; every decision downstream (the seed,
 the bound, who is stopped or cut) is then taken from the same numbers, and the step artifact
-is the uninterrupted run's (`cost` and `timing`, the work and time actually spent, aside).
+is the uninterrupted run's, except `cost` and `timing`: the work and time actually spent,
+over all the runs of the step (each sync records this run's work so far; `spent`).
 
 File: `<out>.journal` beside the step artifact, one record a line, `<sha256[:16]> <json>`.
 The first record is the step's key (inputs' hashes, settings, k, removed blocks, shard,
-early stop, seed preference); a journal with another key is refused, never reused. A line
+early stop, seed preference); a journal with another key is refused, never reused. Then come
+units (`unit`, `state`), the work spent so far (`spent`, at each sync) and stops (`stopped`,
+the signal's name). A line
 whose checksum fails is a torn write: dropped when it is the last line (the file is cut back
 to the records before it), refused anywhere else. Records are written with one `os.write`
 each and the file is fsync'd at the end of every batch of windows (`sync`), so a kill -9
@@ -31,6 +34,7 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..engine.cost import Cost
 from ..errors import DiskFull, UserError, no_space
 
 FORMAT = "blockpruner.step-journal/1"
@@ -64,10 +68,13 @@ def journal_path(out: str | Path) -> Path:
 class Journal:
     """Recorded units by key (`get`), new ones appended (`put`); `Journal(None)` records nothing."""
 
-    def __init__(self, path: Path | None = None, units: dict | None = None, fd: int | None = None):
+    def __init__(self, path: Path | None = None, units: dict | None = None, fd: int | None = None,
+                 earlier: Cost | None = None):
         self.path, self.units, self.fd = path, units or {}, fd
         self.reused = 0  # units answered from the file this run
         self.written = 0
+        self.earlier = earlier or Cost()  # the work earlier runs of the step had done (at their last sync)
+        self.cost: Cost | None = None  # this run's work (`track`), synced with the records
         self.interrupted: str | bool = False  # the signal's name once one came
 
     @classmethod
@@ -94,17 +101,19 @@ class Journal:
                               if key.get(k) != records[0]["key"].get(k))
                 raise UserError(f"{path}: journal of another run of this step ({', '.join(diff)} differ); delete it (or "
                                 "rerun with --fresh) to start the step afresh, or rerun with the settings it was made with")
-            stops = []
+            stops, earlier = [], Cost()
             for r in records[1:good]:
                 if "unit" in r:
                     units[r["unit"]] = r["state"]
+                elif "spent" in r:
+                    earlier = Cost.from_dict(r["spent"])
                 else:
                     stops.append(r["stopped"])
             keep = sum(len(line) for line in lines[:good])
             fd = os.open(path, os.O_WRONLY)
             os.ftruncate(fd, keep)
             os.lseek(fd, keep, os.SEEK_SET)
-            journal = cls(path, units, fd)
+            journal = cls(path, units, fd, earlier)
             log.info("resuming from %s: %d units of work recorded%s", path, len(units),
                      f" (earlier runs were stopped by {', '.join(stops)})" if stops else "")
             return journal
@@ -115,6 +124,7 @@ class Journal:
     def _write_new(self, key: dict) -> None:
         tmp = self.path.with_name(self.path.name + ".new")
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.write(fd, _line({"format": FORMAT, "key": key}))
             os.fsync(fd)
@@ -133,26 +143,45 @@ class Journal:
             self.reused += 1
         return state
 
+    def _append(self, record: dict) -> None:
+        """One record, one `os.write` (a kill leaves it whole or torn, never interleaved)."""
+        try:
+            os.write(self.fd, _line(record))
+        except OSError as e:
+            if no_space(e):
+                raise DiskFull(f"{self.path}: no space left on the device ({e.strerror}); the journal keeps the "
+                               f"{self.written} units recorded before, and the step resumes from them once space "
+                               "is freed") from None
+            raise
+
     def put(self, unit: str, state: dict) -> None:
         """Record a finished unit; then, if a SIGTERM / SIGINT came, stop the step here."""
         if self.fd is not None:
-            try:
-                os.write(self.fd, _line({"unit": unit, "state": state}))
-            except OSError as e:
-                if no_space(e):
-                    raise DiskFull(f"{self.path}: no space left on the device ({e.strerror}); the journal keeps the "
-                                   f"{self.written} units recorded before, and the step resumes from them once space "
-                                   "is freed") from None
-                raise
+            self._append({"unit": unit, "state": state})
             self.written += 1
         if self.interrupted:
             if self.fd is not None:
-                os.write(self.fd, _line({"stopped": self.interrupted}))
+                self._append({"stopped": self.interrupted})
             self.sync()
             raise StepInterrupted
 
+    def track(self, cost: Cost) -> None:
+        """Record `cost` (this run's work) with every sync, so that a resumed step's cost is the
+        work of all its runs (`spent`)."""
+        if self.path is not None:
+            self.cost = cost
+
+    def spent(self) -> Cost:
+        total = Cost()
+        total += self.earlier
+        if self.cost is not None:
+            total += self.cost
+        return total
+
     def sync(self) -> None:
         if self.fd is not None:
+            if self.cost is not None:
+                self._append({"spent": self.spent().as_dict()})
             os.fsync(self.fd)
 
     def close(self) -> None:
