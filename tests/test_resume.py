@@ -250,7 +250,7 @@ def test_sigterm_under_snakemake_retries_the_step_from_its_journal(tmp_path):
             time.sleep(0.005)
         pids = subprocess.run(["pgrep", "-f", f"^\\S*python\\S* -m blockpruner.cli step .*--out {target}"],
                               capture_output=True, text=True).stdout.split()  # the step itself, not its shell
-        pids = [pid for pid in pids if os.readlink(f"/proc/{pid}/cwd") == str(main)]  # this study's
+        pids = [pid for pid in pids if Path(os.readlink(f"/proc/{pid}/cwd")) == main.resolve()]  # this study's
         assert len(pids) == 1, pids
         os.kill(int(pids[0]), signal.SIGTERM)
         out, _ = p.communicate(timeout=600)
