@@ -38,7 +38,6 @@ import heapq
 import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain
 
 import torch
 
@@ -153,7 +152,6 @@ def _score_windows(pm: PrunableModel, windows: Iterable[torch.Tensor], scores: S
         alive = {s.block: s for s in scores if s.status == "done"}
         if not alive:
             break
-        ids = None
         for name, s in list(alive.items()):
             if (d := journal.get(group.start, name)) is not None:
                 _restore(s, d["score"])
