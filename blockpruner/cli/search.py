@@ -78,10 +78,10 @@ def cmd_step(a: argparse.Namespace) -> None:
     bound = {} if a.head_bound_columns is None else {"head_bound_columns": a.head_bound_columns}
     compensated = a.compensation != "none" and a.compensation in COMPENSATIONS
     alpha = check_method(a.compensation, a.compensation_alpha) if compensated else a.compensation_alpha
+    device = "cuda" if a.device_map else resolve_device(a.device)
     settings = StepSettings.make(a.candidates, a.screen_windows, a.confirm_top, a.candidates_by_bi, numerics=a.numerics,
                                  compensation=a.compensation, compensation_alpha=alpha,
-                                 window_batch=window_batch_for(a.window_batch, "cuda" if a.device_map else
-                                                               resolve_device(a.device)), **bound)
+                                 window_batch=window_batch_for(a.window_batch, device), **bound)
     settings.validate()
     shard = parse_shard(a.shard) if a.shard else None
     if shard and settings.mode != "exact":
@@ -93,7 +93,6 @@ def cmd_step(a: argparse.Namespace) -> None:
     numerics = Numerics(a.numerics)
     inputs = step_inputs(a.model, manifest, a.calib, calib.hash, a.prev)
     dtype = numerics.load_dtype(a.dtype)
-    device = "cuda" if a.device_map else resolve_device(a.device)
     path = journal_path(a.out)
     if a.fresh:
         path.unlink(missing_ok=True)

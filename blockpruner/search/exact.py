@@ -244,6 +244,8 @@ def _score_bounded(pm: PrunableModel, windows: Sequence[torch.Tensor], scores: S
         """Kept states of `names` from window i on that are not in memory (a replayed unit's),
         computed again from pass 1's batch holding window i: the same tensors."""
         names = sorted((b for b in names if (b, i) in kept_sizes and (b, i) not in kept), key=block_index)
+        if not names:  # the usual case: nothing was replayed
+            return
         group = next(g for g in groups if i in g)
         for name, normed in _normed_states(pm, stack_windows(pm, windows, group), names, removed, cost):
             for r, j in enumerate(group):
