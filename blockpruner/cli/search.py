@@ -175,6 +175,117 @@ def cmd_baseline_step(a: argparse.Namespace) -> None:
     write_step(a.out, record)
 
 
+def refine_args(p: argparse.ArgumentParser) -> None:
+    model_args(p)
+    p.add_argument("--calib", required=True, help="calibration artifact directory the start step was searched on")
+    p.add_argument("--step", default=None, help="step_<K>.json whose removal set to refine (greedy's, or any method's)")
+    p.add_argument("--steps", nargs="+", default=None,
+                   help="step_1.json ... step_N.json of one search: refine the smallest K whose ratio reaches --ratio")
+    p.add_argument("--ratio", type=float, default=None, help="with --steps: target ratio of removed parameters")
+    p.add_argument("--no-embed", action="store_true", help="with --steps: ratio of non-embedding parameters")
+    p.add_argument("--method", default="swap", choices=["swap", "evolution"],
+                   help="swap (default): exact rounds of same-kind swaps, the best improving one each round; evolution: "
+                        "EvoPress-style (1+lambda) search seeded with the start set (docs/refine.md)")
+    p.add_argument("--rounds", type=int, default=None, metavar="N",
+                   help="round limit (evolution: generations); default 10 for swap, 20 for evolution")
+    p.add_argument("--mixed", action="store_true",
+                   help="swap: also swap an attention block for an MLP block or back, where the removed parameters stay "
+                        "at least the start set's")
+    p.add_argument("--holdout-windows", type=int, default=0, metavar="H",
+                   help="overfitting guard: the last H calibration windows do not select; a change is kept only if it "
+                        "also lowers their NLL (default 0: every window selects)")
+    p.add_argument("--offspring", type=int, default=16, metavar="L", help="evolution: children per generation (16)")
+    p.add_argument("--max-mutations", type=int, default=3, metavar="M", help="evolution: at most M flips per child (3)")
+    p.add_argument("--selection", default="1:4", metavar="W:S[,W:S]",
+                   help="evolution: selection steps before the last, W random windows keeping the best S each "
+                        "(default 1:4); the last step scores the survivors on every window against the parent")
+    p.add_argument("--seed", type=int, default=0, help="evolution: random seed (default 0)")
+    p.add_argument("--head-bound-columns", type=int, default=None, metavar="N",
+                   help=f"cut changes that cannot beat the incumbent by the LM-head bound (default {HEAD_BOUND_COLUMNS}, "
+                        "0 = off; exact either way)")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="score every change on every window (same result; for checking)")
+    window_batch_arg(p)
+    p.add_argument("--out", required=True,
+                   help="output .json (a step record of K with the refined set); rounds go to <out>.rounds/")
+    p.add_argument("--fresh", action="store_true", help="delete <out>.rounds/ and refine from the start")
+    numerics_arg(p)
+    progress_arg(p)
+
+
+def parse_selection(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        steps = tuple(tuple(int(x) for x in part.split(":")) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"bad --selection {text!r}: expected W:S[,W:S...], e.g. 1:4,3:2") from None
+    if any(len(s) != 2 for s in steps):
+        raise UserError(f"bad --selection {text!r}: expected W:S[,W:S...], e.g. 1:4,3:2")
+    return steps
+
+
+@command("refine", refine_args, help="refine a step's removal set at the same K (swap or evolutionary search)",
+         description="Start from the blocks step_<K>.json removed and look for a better set of K blocks, with the same "
+                     "number of attention and MLP blocks, by calibration perplexity: exact rounds of swaps (default), "
+                     "or an EvoPress-style evolutionary search. The result never has a higher calibration perplexity "
+                     "than the start. Each round is written to <out>.rounds/; a rerun continues after the last one "
+                     "(and a round from its journal). The output is a step record of K that materialize reads.")
+def cmd_refine(a: argparse.Namespace) -> None:
+    import shutil
+
+    import torch
+
+    from ..blocks import PrunableModel
+    from ..data.calibration import load_calibration
+    from ..devices import resolve_device
+    from ..engine.forward import window_batch_for
+    from ..model_dir import load_model_dir, read_manifest
+    from ..numerics import Numerics
+    from ..search.journal import StepInterrupted
+    from ..search.refine import RefineSettings, refine, rounds_dir
+    from ..steps import chosen_step, read_step, step_inputs, write_step
+
+    device = "cuda" if a.device_map else resolve_device(a.device)
+    rounds = a.rounds if a.rounds is not None else (10 if a.method == "swap" else 20)
+    if rounds < 0:
+        raise UserError(f"--rounds must be >= 0, got {rounds}")
+    bound = {} if a.head_bound_columns is None else {"head_bound_columns": a.head_bound_columns}
+    settings = RefineSettings(a.method, a.mixed, a.holdout_windows, a.offspring, a.max_mutations,
+                              parse_selection(a.selection), a.seed, window_batch=window_batch_for(a.window_batch, device),
+                              early_stop=not a.no_early_stop, **bound)
+    path = chosen_step(a.step, a.steps, a.ratio, a.no_embed)
+    start = read_step(path)
+    manifest = read_manifest(a.model)
+    calib = load_calibration(a.calib)
+    if start["inputs"]["model_hash"] != manifest["content_hash"]:
+        raise UserError(f"{path}: made for another model (content hash differs); refine a step of {a.model}")
+    if start["inputs"]["calibration_hash"] != calib.hash:
+        raise UserError(f"{path}: searched on other calibration data; give the --calib it was searched on")
+    if start["settings"].get("numerics", "fp32") != a.numerics:
+        raise UserError(f"{path}: searched with --numerics {start['settings'].get('numerics', 'fp32')}; refine with the same")
+    settings.validate(len(calib.windows))
+    if a.mixed and start["settings"].get("candidates", "all") != "all":
+        raise UserError(f"--mixed swaps across kinds, but {path} searched {start['settings']['candidates']} blocks only")
+    if a.mixed and a.method != "swap":
+        raise UserError("--mixed is a swap option; evolution keeps the number of blocks of each kind")
+    kinds = ("attn", "mlp") if start["settings"].get("candidates", "all") == "all" else (start["settings"]["candidates"],)
+    if a.fresh:
+        shutil.rmtree(rounds_dir(a.out), ignore_errors=True)
+    numerics = Numerics(a.numerics)
+    dtype = numerics.load_dtype(a.dtype)
+    inputs = step_inputs(a.model, manifest, a.calib, calib.hash, path)
+    model, _, _ = load_model_dir(a.model, dtype, a.device, a.device_map, tokenizer=False)
+    try:
+        record = refine(numerics.apply(PrunableModel.wrap(model)), calib.windows, start, settings, inputs, a.out,
+                        rounds=rounds, kinds=kinds, progress=not a.no_progress, journal_device=torch.device(device).type,
+                        dtype=dtype or manifest["dtype"])
+    except StepInterrupted:
+        raise Resumable(f"refinement of {path} was asked to stop; its finished rounds are in {rounds_dir(a.out)} and the "
+                        "round in flight in its journal: rerun the same command to resume") from None
+    write_step(a.out, record)
+    log.info("refined K=%d (%s): ppl %.4f -> %.4f, %d blocks changed -> %s", record["k"], a.method, start["ppl"],
+             record["ppl"], len(record["search"]["changed"]) // 2, a.out)
+
+
 def target_k_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", required=True, help="directory holding step_<k>.json files")
     p.add_argument("--ratio", type=float, required=True, help="target ratio of removed parameters, e.g. 0.2")

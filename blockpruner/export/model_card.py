@@ -49,6 +49,13 @@ METHOD_TEXT = {
     "given": "an explicit block list given to `blockpruner materialize --blocks` (for example a published removal "
              "order or another tool's result), not searched by this package",
 }
+# a set refined at the same K after its search (`blockpruner refine`; the step's settings.refine)
+REFINE_TEXT = {
+    "swap": "rounds of swaps of a removed block for a kept one of the same kind, each round taking the swap that "
+            "lowers the calibration perplexity most (`blockpruner refine --method swap`)",
+    "evolution": "an EvoPress-style (1 + lambda) evolutionary search seeded with that set, judged by calibration "
+                 "perplexity (`blockpruner refine --method evolution`)",
+}
 
 
 @dataclass(frozen=True)
@@ -319,6 +326,9 @@ def _how_chosen(card: ModelCard) -> list[str]:
     else:
         m = card.search_method or card.method
         out += [f"Method: {METHOD_TEXT.get(m, f'`{m}`')}.", ""]
+        if (refine := (card.settings or {}).get("refine")) is not None:
+            out += [f"The set it reached was then refined at the same number of blocks: "
+                    f"{REFINE_TEXT.get(refine, f'`{refine}`')}.", ""]
         lines = _calibration_lines(card.calibration) if card.calibration else []
         shown = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in (card.settings or {}).items() if k != "method")
         if shown:

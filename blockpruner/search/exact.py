@@ -557,11 +557,53 @@ def score_exact(
             if s.nll_sum > bound:
                 s.status = "stopped"
     if stages is not None and bound is not None:
-        device = get_path(pm.model, pm.adapter.lm_head).weight.device
-        by_stage = [[per_window[k].to(device) for per_window in chosen] for k in range(len(stages))]
         result.head_bound = columns
-        _score_bounded(pm, rest, live(others), bound, by_stage, cost, on_progress, first_states, batch=batch,
-                       journal=journal.scope("bounded"))
+        _score_bounded(pm, rest, live(others), bound, _by_stage(pm, chosen, len(stages)), cost, on_progress,
+                       first_states, batch=batch, journal=journal.scope("bounded"))
         return result
     _score_windows(pm, rest, live(others), bound, cost, on_progress, batch=batch, journal=journal.scope("others"))
     return result
+
+
+def _by_stage(pm: PrunableModel, chosen: Sequence[Sequence[torch.Tensor]], stages: int) -> list[list[torch.Tensor]]:
+    """Per-window head-bound columns (`chosen[i][stage]`) as `_score_bounded` takes them, on the head's device."""
+    device = get_path(pm.model, pm.adapter.lm_head).weight.device
+    return [[per_window[k].to(device) for per_window in chosen] for k in range(stages)]
+
+
+@torch.no_grad()
+def score_incumbent(pm: PrunableModel, windows: Sequence[torch.Tensor], block: str, *,
+                    head_bound: int = HEAD_BOUND_COLUMNS, cost: Cost | None = None, batch: int = 1,
+                    journal: Scope = NO_JOURNAL.scope("")) -> tuple[Score, list | None]:
+    """The model without `pm.removed` and `block` over every window, and the head-bound columns
+    its logits choose per window (None where the bound is off): the total and the columns that
+    `score_against` bounds other removal sets with (the refinements' incumbent)."""
+    columns = usable_head_bound(pm, head_bound)
+    stages = bound_stages(pm, columns) if columns and windows else None
+    chosen: list = []
+    score = Score(block)
+    _score_windows(pm, windows, [score], None, cost if cost is not None else Cost(), mass_stages=stages,
+                   columns=chosen, batch=batch, journal=journal)
+    return score, (_by_stage(pm, chosen, len(stages)) if stages is not None else None)
+
+
+@torch.no_grad()
+def score_against(pm: PrunableModel, windows: Sequence[torch.Tensor], candidates: Sequence[str], bound: float | None,
+                  columns: list | None = None, *, early_stop: bool = True, cost: Cost | None = None,
+                  on_progress: Callable[..., None] | None = None, batch: int = 1,
+                  journal: Scope = NO_JOURNAL.scope("")) -> dict[str, Score]:
+    """Each candidate's score on top of `pm.removed`, against a total known already (an
+    incumbent's NLL on the same windows, `score_incumbent`): every candidate that can finish
+    at or below `bound` is scored exactly; the others are stopped, or with `columns` (the
+    incumbent's head-bound columns) cut by the head bound, as in `score_exact`'s third phase.
+    Without `early_stop` (or a bound) every candidate is scored on every window."""
+    cost = cost if cost is not None else Cost()
+    scores = {c: Score(c) for c in candidates}
+    live = list(scores.values())
+    if not early_stop or bound is None:
+        _score_windows(pm, windows, live, None, cost, on_progress, batch=batch, journal=journal)
+    elif columns is not None:
+        _score_bounded(pm, windows, live, bound, columns, cost, on_progress, batch=batch, journal=journal)
+    else:
+        _score_windows(pm, windows, live, bound, cost, on_progress, batch=batch, journal=journal)
+    return scores
