@@ -185,6 +185,43 @@ def test_rounds_resume_and_refuse_other_settings(built, tmp_path):
                progress=False)
 
 
+@pytest.mark.parametrize("method", ["swap", "evolution"])
+def test_a_round_stopped_midway_resumes_from_its_journal(built, tmp_path, monkeypatch, caplog, method):
+    """A round killed after some units of work reruns from its journal: the same rounds, the
+    units recorded before the kill not scored again."""
+    from blockpruner.search import journal as journal_module
+
+    model, wins, start, _, _ = built
+    pm = PrunableModel.wrap(model)
+    settings = RefineSettings(method, offspring=4, selection=((1, 2),))
+    whole = refine(pm, wins, start, settings, {}, tmp_path / "whole.json", rounds=2, kinds=("attn", "mlp"),
+                   progress=False)
+    put, seen = journal_module.Journal.put, []
+
+    def killed(self, unit, state):
+        put(self, unit, state)
+        seen.append(unit)
+        if len(seen) == 6:
+            raise KeyboardInterrupt  # as a kill -9 would leave it: the units so far on disk
+
+    monkeypatch.setattr(journal_module.Journal, "put", killed)
+    out = tmp_path / "k2.json"
+    with pytest.raises(KeyboardInterrupt):
+        refine(pm, wins, start, settings, {}, out, rounds=2, kinds=("attn", "mlp"), progress=False)
+    monkeypatch.undo()
+    assert (rounds_dir(out) / "round_1.json.journal").exists() and not (rounds_dir(out) / "round_1.json").exists()
+    with caplog.at_level("INFO", logger="blockpruner.search"):
+        again = refine(pm, wins, start, settings, {}, out, rounds=2, kinds=("attn", "mlp"), progress=False)
+    assert "6 units of work recorded" in caplog.text
+    assert not (rounds_dir(out) / "round_1.json.journal").exists()
+    for j in (1, 2):
+        a, b = (json.loads((rounds_dir(p) / f"round_{j}.json").read_text()) for p in (tmp_path / "whole.json", out))
+        for r in (a, b):
+            del r["timing"], r["cost"], r["checksum"]
+        assert a == b
+    assert again["removed"] == whole["removed"] and again["nll_sum"] == whole["nll_sum"]
+
+
 def test_holdout_guard_judges_on_windows_it_did_not_select_on(built, tmp_path):
     model, wins, start, best, _ = built
     pm = PrunableModel.wrap(model)

@@ -281,10 +281,6 @@ def refine(pm: PrunableModel, windows: Sequence, start: dict, settings: RefineSe
            dtype: str | None = None) -> dict:
     """Refine the set of step record `start` for up to `rounds` rounds (generations), writing
     each round to `<out>.rounds/round_<j>.json`; returns the refined set's step record."""
-    from tqdm.auto import tqdm
-
-    from .journal import interruptible, journal_path
-
     settings.validate(len(windows))
     n = len(windows) - settings.holdout_windows
     select, judge = list(windows[:n]), list(windows[n:])
@@ -303,13 +299,37 @@ def refine(pm: PrunableModel, windows: Sequence, start: dict, settings: RefineSe
     for j in range(len(done) + 1, rounds + 1):
         if stopped and settings.method == "swap":
             break
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"round_{j}.json"
-        journal = Journal.open(journal_path(path), key | {"round": j, "before": current, "device": journal_device,
-                                                           "dtype": dtype})
-        cost = Cost()
-        journal.track(cost)
-        t1, c1 = time.perf_counter(), time.process_time()
+        record = _round(pm, select, judge, current, j, settings, kinds, min_params, seen, parents, key, folder,
+                        progress, {"device": journal_device, "dtype": dtype})
+        total += Cost.from_dict(record["cost"])
+        inc = record["incumbent"]
+        if record["after"]:
+            log.info("%s round %d: %s -> NLL %.4f (was %.4f on %d tokens)", settings.method, j,
+                     _change(current, record["after"]), record["best"]["nll_sum"], inc["nll_sum"], inc["tokens"])
+            current = record["after"]
+        else:
+            log.info("%s round %d: kept %s (NLL %.4f)%s", settings.method, j, _label(current), inc["nll_sum"],
+                     f"; {record['stop']}" if record["stop"] else "")
+        done.append(record)
+        stopped = record["stop"]
+    return _result(pm, select, start, current, settings, inputs, done, total, kinds, folder)
+
+
+def _round(pm: PrunableModel, select: Sequence, judge: Sequence, current: list[str], j: int, settings: RefineSettings,
+           kinds: Sequence[str], min_params: int, seen: set[str], parents: dict, key: dict, folder: Path,
+           progress: bool, where: dict) -> dict:
+    """Round (generation) j from `current`, journaled, written to `folder/round_<j>.json`."""
+    from tqdm.auto import tqdm
+
+    from .journal import interruptible, journal_path
+
+    path = folder / f"round_{j}.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    journal = Journal.open(journal_path(path), key | {"round": j, "before": current} | where)
+    cost = Cost()
+    journal.track(cost)
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
         with tqdm(desc=f"{settings.method} round {j}", unit="cand·win", disable=not progress) as bar, \
                 interruptible(journal):
             def tick(n_win: int, score: Score | None = None, replayed: bool = False) -> None:
@@ -319,32 +339,19 @@ def refine(pm: PrunableModel, windows: Sequence, start: dict, settings: RefineSe
                 r = swap_round(pm, select, current, settings, kinds, min_params, cost, journal, tick)
             else:
                 r = generation(pm, select, current, j, settings, kinds, seen, cost, journal, tick, parents)
-            stop = None
-            if r["after"] is None:
-                stop = "no swap lowers the calibration NLL" if settings.method == "swap" else None
-            elif judge:
+            stop = "no swap lowers the calibration NLL" if r["after"] is None else None
+            if r["after"] is not None and judge:
                 r["judge"] = judged(pm, judge, current, r["after"], settings, cost, journal)
                 if not r["judge"]["accepted"]:
-                    r["after"] = None
-                    stop = "the best change raised the held-out windows' NLL" if settings.method == "swap" else None
-        spent = journal.spent()
+                    r["after"], stop = None, "the best change raised the held-out windows' NLL"
+    finally:
         journal.close()
-        record = {"round": j, "method": settings.method, "key": key, "before": current} | r | {
-            "stop": stop, "cost": spent.as_dict(), "timing": {"elapsed_s": time.perf_counter() - t1, "cpu_s": time.process_time() - c1}}
-        write_json(path, record, ROUND_FORMAT)
-        journal.remove()
-        total += spent
-        inc = r["incumbent"]
-        if r["after"]:
-            log.info("%s round %d: %s -> NLL %.4f (was %.4f on %d tokens)", settings.method, j,
-                     _change(current, r["after"]), r["best"]["nll_sum"], inc["nll_sum"], inc["tokens"])
-            current = r["after"]
-        else:
-            log.info("%s round %d: kept %s (NLL %.4f)%s", settings.method, j, _label(current), inc["nll_sum"],
-                     f"; {stop}" if stop else "")
-        done.append(record)
-        stopped = stop
-    return _result(pm, select, start, current, settings, inputs, done, total, kinds, folder)
+    record = {"round": j, "method": settings.method, "key": key, "before": current} | r | {
+        "stop": stop if settings.method == "swap" else None, "cost": journal.spent().as_dict(),
+        "timing": {"elapsed_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}}
+    write_json(path, record, ROUND_FORMAT)
+    journal.remove()
+    return record
 
 
 def _change(before: Sequence[str], after: Sequence[str]) -> str:
