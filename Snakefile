@@ -6,8 +6,8 @@
 #   snakemake --cores 2 --configfile .test/config.yaml # the CI study (replaces config.yaml)
 #   snakemake --profile profiles/slurm --configfile config/paper.yaml
 #
-# Stages, one file each in workflow/rules/: model -> calibration -> search -> prune ->
-# evaluate -> summary, and export (GGUF files for llama.cpp); methods that compress instead of
+# Stages, one file each in workflow/rules/: model -> calibration -> search [-> refine] -> prune
+# -> evaluate -> summary, and export (GGUF files for llama.cpp); methods that compress instead of
 # searching (SliceGPT, LaCo) go from calibration to compress.smk and on to evaluate.  Every rule
 # calls one `blockpruner` subcommand.
 
@@ -32,6 +32,7 @@ include: "workflow/rules/inputs.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/calibration.smk"
 include: "workflow/rules/search.smk"
+include: "workflow/rules/refine.smk"
 include: "workflow/rules/prune.smk"
 include: "workflow/rules/compensate.smk"
 include: "workflow/rules/compress.smk"

@@ -237,6 +237,22 @@ def test_holdout_guard_judges_on_windows_it_did_not_select_on(built, tmp_path):
     assert record["tokens"] == 3 * 15
 
 
+def test_mixed_swaps_never_grow_the_model(built):
+    from blockpruner.search.refine import swap_candidates
+
+    model, *_ = built
+    pm = PrunableModel.wrap(model)
+    removed = ["attn.1", "mlp.3"]
+    floor = pm.param_summary(removed)["removed"]
+    same = swap_candidates(pm, removed, "attn.1", ("attn", "mlp"), False, floor)
+    mixed = swap_candidates(pm, removed, "attn.1", ("attn", "mlp"), True, floor)
+    assert same == ["attn.0", "attn.2", "attn.3"]
+    assert mixed == ["attn.0", "attn.2", "attn.3", "mlp.0", "mlp.1", "mlp.2"]  # an MLP block is larger here
+    assert swap_candidates(pm, removed, "mlp.3", ("attn", "mlp"), True, floor) == ["mlp.0", "mlp.1", "mlp.2"]
+    for c in mixed:
+        assert pm.param_summary(["mlp.3", c])["removed"] >= floor
+
+
 def test_mutation_keeps_kinds_and_flips_at_most_m():
     import random
 
@@ -318,11 +334,12 @@ def test_workflow_refines_materialises_and_summarises(tmp_path):
         assert rows[method]["removed_blocks"] == " ".join(refined["removed"])
         assert rows[method]["k"] == "2" and float(rows[method]["ratio"]) == pytest.approx(greedy["params"]["ratio"])
         manifest = json.loads((res / f"pruned/tiny/c/{method}/k2/manifest.json").read_text())
-        assert sorted(manifest["removed"]) == sorted(refined["removed"])
+        assert manifest["pruning"]["removed"] == refined["removed"]
+        assert "then refined at the same number of blocks" in (res / f"pruned/tiny/c/{method}/k2/README.md").read_text()
         assert (main / f"logs/refine_set/tiny/c/{method}/k2.log").exists()
-    # a higher round limit continues from the rounds written, it does not start over
-    swap_rounds = sorted((res / "refine/tiny/c/bp-swap/k2.json.rounds").glob("round_*.json"))
-    assert swap_rounds
+    # the rounds stay beside the refined set (not an output: a rerun of the job continues from them)
+    assert sorted(p.name for p in (res / "refine/tiny/c/bp-evo/k2.json.rounds").iterdir()) == \
+        ["round_1.json", "round_2.json", "round_3.json"]
 
 
 @pytest.mark.parametrize("change,key,message", [

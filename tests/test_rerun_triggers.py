@@ -36,7 +36,8 @@ WINOGRANDE = [("Sam thanked Kim because _ had helped.", "Sam", "Kim", "2"),
 
 def tiny_study(tmp: Path) -> tuple[Path, str]:
     """A copy of the workflow with a study that plans every rule once or twice: a tiny Llama,
-    BlockPruner searched in two shards beside ShortGPT, LaCo and SliceGPT, a ratio target with
+    BlockPruner searched in two shards beside ShortGPT, LaCo and SliceGPT and a swap refinement
+    of BlockPruner's set, a ratio target with
     a compensated variant of each search's pruning, every evaluation (two
     tasks: one with a YAML prompt, one with Python prompt functions), the analyses and the
     search-speed benchmark, and the GGUF export with its llama.cpp timing, all on local files."""
@@ -65,7 +66,8 @@ def tiny_study(tmp: Path) -> tuple[Path, str]:
         "methods": {"bp": {"algorithm": "blockpruner"}, "sg": {"algorithm": "shortgpt"},
                     "lc": {"algorithm": "laco", "settings": {"merge_layers": 2, "lowest_layer": 0, "threshold": -1.0,
                                                             "samples": 1}},
-                    "sl": {"algorithm": "slicegpt"}},
+                    "sl": {"algorithm": "slicegpt"},
+                    "sw": {"refine": "swap", "from": "bp", "settings": {"rounds": 1}}},
         "search": {"max_k": 1, "shards": 2},
         "prunings": {"k": [], "ratio": [0.05], "compensate": ["none", "scale"]},
         "analyses": {"enabled": True, "bi_max_windows": 1},
@@ -126,7 +128,7 @@ def test_code_rerun_triggers_cover_what_each_command_reads(tmp_path):
     commands_of = rule_commands(main, cfg)
     commands_of = {rule: cmds for rule, cmds in commands_of.items() if cmds}
     assert set(commands_of) == {"prepare_model", "sample_calibration", "search_step", "search_shard", "gather_step",
-                                "tabulate_search", "materialize_model", "compress_model", "compensate_model",
+                                "tabulate_search", "refine_set", "materialize_model", "compress_model", "compensate_model",
                                 "eval_perplexity", "eval_tasks", "measure_speed", "summarize", "analyze_study",
                                 "analyze_bi", "benchmark_search", "export_gguf", "measure_speed_gguf",
                                 "write_model_card"}, sorted(commands_of)
@@ -153,7 +155,8 @@ def test_code_rerun_triggers_cover_what_each_command_reads(tmp_path):
         for c in cmds:
             for f in table[c]:
                 read_by[f].add(rule)
-    assert read_by["engine/forward.py"] >= {"search_step", "search_shard", "analyze_bi", "benchmark_search"}
+    assert read_by["engine/forward.py"] >= {"search_step", "search_shard", "refine_set", "analyze_bi", "benchmark_search"}
+    assert read_by["search/refine.py"] >= {"refine_set"}
     assert read_by["report/analyses.py"] >= {"analyze_study"}
 
     def edited(rel: str, text: str):

@@ -225,7 +225,8 @@ def parse_selection(text: str) -> tuple[tuple[int, int], ...]:
 
 @command("refine", refine_args, help="refine a step's removal set at the same K (swap or evolutionary search)",
          description="Start from the blocks step_<K>.json removed and look for a better set of K blocks, with the same "
-                     "number of attention and MLP blocks, by calibration perplexity: exact rounds of swaps (default), "
+                     "number of attention and MLP blocks (--mixed: across kinds, never growing the model), by "
+                     "calibration perplexity: exact rounds of swaps (default), "
                      "or an EvoPress-style evolutionary search. The result never has a higher calibration perplexity "
                      "than the start. Each round is written to <out>.rounds/; a rerun continues after the last one "
                      "(and a round from its journal). The output is a step record of K that materialize reads.")

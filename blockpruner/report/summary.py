@@ -7,10 +7,12 @@ paths, so a table never mixes in stale files that merely lie in the same folder)
     .../eval/<model>/dense/{ppl,tasks,speed}.json              the dense model
     .../eval/<model>/<calib>/<method>/<pruning>/{...}.json     a pruned model, pruning = k<K> | r<ratio>
     .../pruned/<model>/<calib>/<method>/r<ratio>/manifest.json a compressed model (SliceGPT, LaCo)
+    .../refine/<model>/<calib>/<method>/<pruning>.json         a refined set (swap, evolution)
 
 Each row is one evaluated model: K and the pruning ratio come from the search step of that
 K (a ratio target r<x> resolves to the smallest K whose ratio reaches x, exactly as
-`blockpruner target-k` does for the materialised model). A compressed model has no steps:
+`blockpruner target-k` does for the materialised model); a refinement's from its refined set,
+a step record of that K. A compressed model has no steps:
 its ratio is the one it achieved, from its manifest. Every JSON
 artifact is checked (format tag and checksum) before use.
 
@@ -104,8 +106,10 @@ def classify(path: Path) -> tuple[str, tuple]:
         return "eval", (path.stem, path.parts[-5], path.parts[-4], path.parts[-3], path.parent.name)
     if name == "manifest.json" and len(path.parts) >= 6 and path.parts[-6] == "pruned":  # a compressed model's ratio
         return "compressed", (path.parts[-5], path.parts[-4], path.parts[-3], path.parent.name)
-    raise UserError(f"{path}: not a step_<k>.json, {{{','.join(EVAL_KINDS)}}}.json or compressed model's manifest.json "
-                    "of the workflow's layout")
+    if path.suffix == ".json" and len(path.parts) >= 5 and path.parts[-5] == "refine":
+        return "refined", (path.parts[-4], path.parts[-3], path.parts[-2], path.stem)
+    raise UserError(f"{path}: not a step_<k>.json, {{{','.join(EVAL_KINDS)}}}.json, compressed model's manifest.json "
+                    "or refined set of the workflow's layout")
 
 
 def resolve_k(pruning: str, steps: list[dict], ratio_of: str) -> int | None:
@@ -146,11 +150,15 @@ def compressed_columns(rec: dict) -> dict:
 
 def collect(paths: list[str | Path], ratio_of: str = "all") -> tuple[list[dict], list[str], dict]:
     """Table rows (dicts), the task names in order, and the step chains per search."""
-    step_paths, evals, compressed = defaultdict(list), {}, {}
+    from ..steps import read_step, read_steps
+
+    step_paths, evals, compressed, refined = defaultdict(list), {}, {}, {}
     for p in map(Path, paths):
         what, key = classify(p)
         if what == "step":
             step_paths[key[:3]].append(p)
+        elif what == "refined":
+            refined[key] = read_step(p)
         elif what == "compressed":
             if (rec := compression_record(p)) is not None:
                 compressed[key] = rec
@@ -158,8 +166,6 @@ def collect(paths: list[str | Path], ratio_of: str = "all") -> tuple[list[dict],
             kind, *label = key
             row = evals.setdefault(tuple(label), Row(*label))
             row.evals[kind] = read_json(p)
-    from ..steps import read_steps
-
     chains = {key: read_steps(ps) for key, ps in step_paths.items()}
     tasks: list[str] = []
     for row in evals.values():
@@ -171,8 +177,11 @@ def collect(paths: list[str | Path], ratio_of: str = "all") -> tuple[list[dict],
         label = (row.model, row.calib, row.method, row.pruning)
         chain = chains.get(row.key, [])
         base, _, compensation = row.pruning.partition("+")  # k4+scale: K=4 with a folded correction
-        k = None if label in compressed else resolve_k(base, chain, ratio_of)
-        step = chain[k - 1] if k and k <= len(chain) else None
+        if (step := refined.get((row.model, row.calib, row.method, base))) is not None:
+            k = step["k"]
+        else:
+            k = None if label in compressed else resolve_k(base, chain, ratio_of)
+            step = chain[k - 1] if k and k <= len(chain) else None
         r = {"model": row.model, "calib": row.calib, "method": row.method, "pruning": row.pruning,
              "compensation": compensation or "none", "k": k,
              "attn_removed": step["attn_removed"] if step else (0 if k == 0 else None),

@@ -1,7 +1,8 @@
 """Scoring candidates exactly: every remaining block's NLL, or just enough of it to know it loses.
 
 Everything that scores candidates -- the greedy search, the one-shot ablation, the sharded
-step, the benchmark -- goes through `score_candidates` or `score_exact`, on the forward
+step, the benchmark, the refinements -- goes through `score_candidates`, `score_exact` or
+`score_against` (against a total known already: a refinement's incumbent), on the forward
 engine (`engine.forward`): per window (or batch of windows), the current model's blocks are
 walked once and each candidate's suffix is run from the state before it (prefix reuse). Only
 the running state and one candidate's suffix are alive at a time: memory is one batch's
@@ -419,17 +420,10 @@ def _seed_by_bound(pm: PrunableModel, window: torch.Tensor, candidates: Sequence
 
 
 @torch.no_grad()
-def score_candidates(
-    pm: PrunableModel,
-    windows: Sequence[torch.Tensor],
-    candidates: Sequence[str],
-    *,
-    bound: float | None = None,
-    cost: Cost | None = None,
-    on_progress: Callable[..., None] | None = None,
-    batch: int = 1,
-    journal: Scope = NO_JOURNAL.scope(""),
-) -> dict[str, Score]:
+def score_candidates(pm: PrunableModel, windows: Sequence[torch.Tensor], candidates: Sequence[str], *,
+                     bound: float | None = None, cost: Cost | None = None,
+                     on_progress: Callable[..., None] | None = None, batch: int = 1,
+                     journal: Scope = NO_JOURNAL.scope("")) -> dict[str, Score]:
     """NLL over all windows of the current model with each candidate additionally removed.
 
     Windows are visited in order, `batch` to a forward, so sums are bit-reproducible and
@@ -465,22 +459,12 @@ def _best(scores: Iterable[Score]) -> Score | None:
 
 
 @torch.no_grad()
-def score_exact(
-    pm: PrunableModel,
-    windows: Sequence[torch.Tensor],
-    candidates: Sequence[str],
-    *,
-    prefer: Sequence[str] = (),
-    early_stop: bool = True,
-    head_bound: int = HEAD_BOUND_COLUMNS,
-    owned: Sequence[str] | None = None,
-    start: dict[str, Score] | None = None,
-    seed_from: str = "previous step",
-    cost: Cost | None = None,
-    on_progress: Callable[..., None] | None = None,
-    batch: int = 1,
-    journal: Scope = NO_JOURNAL.scope(""),
-) -> ExactResult:
+def score_exact(pm: PrunableModel, windows: Sequence[torch.Tensor], candidates: Sequence[str], *,
+                prefer: Sequence[str] = (), early_stop: bool = True, head_bound: int = HEAD_BOUND_COLUMNS,
+                owned: Sequence[str] | None = None, start: dict[str, Score] | None = None,
+                seed_from: str = "previous step", cost: Cost | None = None,
+                on_progress: Callable[..., None] | None = None, batch: int = 1,
+                journal: Scope = NO_JOURNAL.scope("")) -> ExactResult:
     """Exact scores of `candidates` with early stopping: the winner and every finished NLL
     are those of plain scoring; losers may be stopped with a partial NLL.
 

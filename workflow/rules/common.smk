@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -20,6 +21,7 @@ validate(config, "../schemas/config.schema.yaml")
 REPO = Path(workflow.basedir).resolve()
 sys.path.insert(0, str(REPO))  # the package's constants (no torch is imported for them)
 from blockpruner.compress import ALGORITHMS as COMPRESSORS  # noqa: E402
+from blockpruner.search import REFINE_SETTINGS  # noqa: E402
 
 MODELS = sorted(config["models"])
 CALIBS = sorted(config["calibration"])
@@ -27,7 +29,12 @@ METHODS = sorted(config["methods"])
 # COMPRESSORS rewrite the model instead of searching blocks to remove: no step files, one
 # compress_model job per ratio target (compress.smk)
 COMPRESS_METHODS = [m for m in METHODS if config["methods"][m]["algorithm"] in COMPRESSORS]
+# REFINE_METHODS refine another search's set at each K (refine.smk): no step files of their own
+REFINE_METHODS = [m for m in METHODS if config["methods"][m].get("refine")]
+# SEARCH_METHODS remove blocks (their prunings are materialised, compensated, exported);
+# STEP_METHODS are those of them that write step files (search.smk)
 SEARCH_METHODS = [m for m in METHODS if m not in COMPRESS_METHODS]
+STEP_METHODS = [m for m in SEARCH_METHODS if m not in REFINE_METHODS]
 KS = sorted(config["prunings"]["k"])
 RATIOS_OF = {m: sorted(config["prunings"]["ratio_by_model"].get(m, config["prunings"]["ratio"])) for m in MODELS}
 RATIOS = sorted({r for rs in RATIOS_OF.values() for r in rs})  # every model's, for the checks and the search depth
@@ -102,8 +109,25 @@ for _name, _m in config["methods"].items():
         config_error(f"methods.{_name}.screen", "a screened search cannot be sharded; set search.shards: 1 or drop screen")
     if _m.get("compensation", "none") != "none" and (_m["algorithm"] != "blockpruner" or _m.get("screen")):
         config_error(f"methods.{_name}.compensation", "only an exact blockpruner search (no screen) is compensation-aware")
-    if _m.get("settings") is not None and _m["algorithm"] not in COMPRESSORS:
-        config_error(f"methods.{_name}.settings", f"only the slicegpt and laco algorithms take settings, not {_m['algorithm']}")
+    if _m.get("refine"):
+        _base = config["methods"].get(_m.get("from"))
+        if _base is None or _base.get("refine") or _base["algorithm"] in COMPRESSORS:
+            _choices = ", ".join(m for m, c in config["methods"].items() if not c.get("refine") and c["algorithm"] not in COMPRESSORS)
+            config_error(f"methods.{_name}.from", f"name the search whose sets it refines, one of: {_choices or '(none: add one)'}")
+        _extra = sorted(key for key, plain in (("algorithm", "blockpruner"), ("candidates", "all"), ("compensation", "none"),
+                                               ("screen", None)) if _m.get(key, plain) != plain)  # the schema's defaults
+        if _extra:
+            config_error(f"methods.{_name}", f"a refinement takes refine, from and settings only, not {', '.join(_extra)} "
+                         "(it keeps the kinds of blocks the search in `from` chose)")
+        _bad = set(_m.get("settings") or {}) - set(REFINE_SETTINGS[_m["refine"]])
+        if _bad:
+            config_error(f"methods.{_name}.settings", f"unknown {', '.join(sorted(_bad))} for refine: {_m['refine']}; "
+                         f"use {', '.join(REFINE_SETTINGS[_m['refine']])}")
+    elif _m.get("from") is not None:
+        config_error(f"methods.{_name}.from", "only a refinement (refine: swap or evolution) takes from")
+    elif _m.get("settings") is not None and _m["algorithm"] not in COMPRESSORS:
+        config_error(f"methods.{_name}.settings", f"only the slicegpt and laco algorithms and refinements take settings, "
+                     f"not {_m['algorithm']}")
 for _name in config["prunings"]["ratio_by_model"]:
     if _name not in MODELS:
         config_error(f"prunings.ratio_by_model.{_name}", f"no such model; models: {', '.join(MODELS)}")
@@ -212,7 +236,17 @@ def gguf_outputs():
 def search_outputs():
     """Every step of every search (1..search_depth())."""
     n = search_depth()
-    return [step_path(m, c, meth, k) for m in MODELS for c in CALIBS for meth in SEARCH_METHODS for k in range(1, n + 1)]
+    return [step_path(m, c, meth, k) for m in MODELS for c in CALIBS for meth in STEP_METHODS for k in range(1, n + 1)]
+
+
+def refined_path(model, calib, method, pruning):
+    return f"results/refine/{model}/{calib}/{method}/{pruning}.json"
+
+
+def refine_outputs():
+    """The refined set of every refinement at every pruning (the summary reads their K and ratio)."""
+    return [refined_path(m, c, meth, p) for m in MODELS for c in CALIBS for meth in REFINE_METHODS
+            for p in pruning_labels(meth, m)]
 
 
 def compress_outputs():
@@ -224,7 +258,7 @@ def compress_outputs():
 def sequence_outputs():
     if not search_depth():
         return []
-    return [f"results/search/{m}/{c}/{meth}/sequence.csv" for m in MODELS for c in CALIBS for meth in SEARCH_METHODS]
+    return [f"results/search/{m}/{c}/{meth}/sequence.csv" for m in MODELS for c in CALIBS for meth in STEP_METHODS]
 
 
 # ------------------------------------------------------------------ small helpers for params

@@ -25,8 +25,9 @@ def is_sharded(method):
 
 
 def methods_regex(sharded=None):
-    """The search methods (sharded or not; None: all of them) as a wildcard constraint."""
-    names = [m for m in SEARCH_METHODS if sharded is None or is_sharded(m) == sharded]
+    """The block-removal methods (None: all of them, refinements included), or the step-writing
+    searches sharded or not, as a wildcard constraint."""
+    names = SEARCH_METHODS if sharded is None else [m for m in STEP_METHODS if is_sharded(m) == sharded]
     return "|".join(map(re.escape, names)) if names else NEVER
 
 
@@ -94,6 +95,9 @@ def is_ratio(wildcards):
 
 
 def pruning_steps(wildcards):
+    """The step files a pruning reads: step_K, steps 1..max_k for a ratio target, a refinement's refined set."""
+    if wildcards.method in REFINE_METHODS:
+        return [refined_path(wildcards.model, wildcards.calib, wildcards.method, wildcards.pruning)]
     if is_ratio(wildcards):
         return steps_upto(wildcards, MAX_K)
     return [step_path(wildcards.model, wildcards.calib, wildcards.method, int(wildcards.pruning[1:]))]
@@ -101,10 +105,48 @@ def pruning_steps(wildcards):
 
 def pruning_option(wildcards, input):
     """`--step FILE` for a K target; `--steps FILES --ratio R` for a ratio target."""
-    if not is_ratio(wildcards):
+    if not is_ratio(wildcards) or wildcards.method in REFINE_METHODS:
         return f"--step {shlex.quote(input.steps[0])}"
     no_embed = " --no-embed" if config["prunings"]["ratio_of"] == "no_embed" else ""
     return f"--ratio {float(wildcards.pruning[1:])}{no_embed} --steps " + " ".join(map(shlex.quote, input.steps))
+
+
+# ------------------------------------------------------------------ refine.smk
+
+
+def refine_regex():
+    return "|".join(map(re.escape, REFINE_METHODS)) if REFINE_METHODS else NEVER
+
+
+def refine_start(wildcards):
+    """The steps of the refined search that a pruning starts from (as pruning_steps gives them)."""
+    base = config["methods"][wildcards.method]["from"]
+    return pruning_steps(Namespace(model=wildcards.model, calib=wildcards.calib, method=base, pruning=wildcards.pruning))
+
+
+def refine_start_option(wildcards, input):
+    """`--step FILE` (a K target) or `--steps FILES --ratio R` (a ratio target): the set to refine."""
+    base = config["methods"][wildcards.method]["from"]
+    return pruning_option(Namespace(model=wildcards.model, calib=wildcards.calib, method=base,
+                                    pruning=wildcards.pruning), input)
+
+
+def refine_arguments(wildcards):
+    """The refinement's own options: method and settings, the engine's and the numerics (each a param)."""
+    method = config["methods"][wildcards.method]
+    parts = [f"--method {method['refine']}"]
+    for key, value in sorted((method.get("settings") or {}).items()):
+        if isinstance(value, bool):
+            parts.append(f"--{key.replace('_', '-')}" if value else "")
+        elif key == "selection":
+            parts.append(f"--selection {','.join(f'{w}:{s}' for w, s in value)}")
+        else:
+            parts.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+    search = config["search"]
+    parts += [f"--head-bound-columns {search['head_bound_columns']} --window-batch {search['window_batch']}",
+              f"--numerics {config['numerics']}", option("--device-map", "models/{model}/device_map")(wildcards),
+              "--device auto", "--no-progress"]
+    return " ".join(p for p in parts if p)
 
 
 # ------------------------------------------------------------------ compress.smk

@@ -5,6 +5,7 @@ rule summarize:
     input:
         evals=eval_outputs(),
         steps=search_outputs(),
+        refined=refine_outputs(),
         compressed=compress_outputs(),
     output:
         csv=report("results/summary.csv", caption="../report/summary.rst", category="Summary"),
@@ -35,4 +36,4 @@ rule summarize:
         "python -m blockpruner.cli summarize --csv {output.csv:q} --markdown {output.md:q} --ratio-of {params.ratio_of}"
         " --plot-ppl {output.ppl_plot:q} --plot-accuracy {output.acc_plot:q} --plot-blocks {output.blocks_plot:q}"
         " {params.note}"
-        " {input.evals:q} {input.steps:q} {input.compressed:q} > {log} 2>&1"
+        " {input.evals:q} {input.steps:q} {input.refined:q} {input.compressed:q} > {log} 2>&1"
