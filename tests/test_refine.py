@@ -234,7 +234,8 @@ def test_holdout_guard_judges_on_windows_it_did_not_select_on(built, tmp_path):
     assert judge["after_nll_sum"] == pytest.approx(hf_nll(model, wins[3:], after), rel=1e-5)
     assert judge["accepted"] == (judge["after_nll_sum"] < judge["before_nll_sum"])
     assert first["incumbent"]["tokens"] == 3 * 15  # the first three windows select
-    assert record["tokens"] == 3 * 15
+    assert record["tokens"] == 4 * 15  # the result is scored on every window, as a step is
+    assert record["nll_sum"] == pytest.approx(hf_nll(model, wins, record["removed"]), rel=1e-5)
 
 
 def test_mixed_swaps_never_grow_the_model(built):

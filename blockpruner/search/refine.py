@@ -312,7 +312,7 @@ def refine(pm: PrunableModel, windows: Sequence, start: dict, settings: RefineSe
                      f"; {record['stop']}" if record["stop"] else "")
         done.append(record)
         stopped = record["stop"]
-    return _result(pm, select, start, current, settings, inputs, done, total, kinds, folder)
+    return _result(pm, windows, start, current, settings, inputs, done, total, kinds, folder)
 
 
 def _round(pm: PrunableModel, select: Sequence, judge: Sequence, current: list[str], j: int, settings: RefineSettings,
@@ -360,19 +360,20 @@ def _change(before: Sequence[str], after: Sequence[str]) -> str:
     return f"{'+'.join(out)} -> {'+'.join(into)}"
 
 
-def _result(pm: PrunableModel, select: Sequence, start: dict, removed: list[str], settings: RefineSettings,
+def _result(pm: PrunableModel, windows: Sequence, start: dict, removed: list[str], settings: RefineSettings,
             inputs: dict, done: list[dict], cost: Cost, kinds: Sequence[str], folder: Path) -> dict:
-    """The refined set's step record: its NLL on the selection windows (the last round's
-    incumbent or accepted change), the history of the rounds, and their work and time summed
-    (over every run that wrote them)."""
-    last = done[-1] if done else None
-    if last is None:
-        final = score_set(pm, select, removed, cost=cost, batch=settings.window_batch)
-        nll, tokens = final.nll_sum, final.tokens
-    elif last["after"]:
+    """The refined set's step record: its NLL over every calibration window, as a step records
+    it (the start's when nothing changed; without held-out windows, the last round's accepted
+    change; with them, the set scored on every window once more), the history of the rounds,
+    and their work and time summed (over every run that wrote them)."""
+    if sorted(removed) == sorted(start["removed"]):
+        nll, tokens = start["nll_sum"], start["tokens"]
+    elif not settings.holdout_windows:
+        last = next(r for r in reversed(done) if r["after"])
         nll, tokens = last["best"]["nll_sum"], last["best"]["tokens"]
     else:
-        nll, tokens = last["incumbent"]["nll_sum"], last["incumbent"]["tokens"]
+        final = score_set(pm, windows, removed, cost=cost, batch=settings.window_batch)
+        nll, tokens = final.nll_sum, final.tokens
     pm.set_removed([])
     history = [{"round": r["round"], "before": r["before"], "after": r["after"], "incumbent_nll_sum":
                 r["incumbent"]["nll_sum"], "tried": len(r["tried"]), "finished": sum(t["status"] == "done" for t in r["tried"]),
