@@ -528,10 +528,7 @@ def score_exact(pm: PrunableModel, windows: Sequence[torch.Tensor], candidates: 
     if seed is None:  # nothing finite bounds the others
         _score_windows(pm, rest, live(owned), None, cost, on_progress, batch=batch, journal=journal.scope("unbounded"))
         return result
-    stages = bound_stages(pm, columns) if columns and rest else None
-    chosen: list = []  # per window, the head-bound columns at each stage
-    _score_windows(pm, rest, [scores[seed]], None, cost, on_progress, mass_stages=stages, columns=chosen, batch=batch,
-                   journal=journal.scope("seed"))
+    by_stage = _score_seed(pm, rest, scores[seed], columns, cost, on_progress, batch, journal.scope("seed"))
     total = scores[seed]
     bound = total.nll_sum if total.status == "done" else None
     result.seed, result.seed_from, result.bound = seed, seed_from, bound
@@ -540,19 +537,31 @@ def score_exact(pm: PrunableModel, windows: Sequence[torch.Tensor], candidates: 
         for s in live(others):
             if s.nll_sum > bound:
                 s.status = "stopped"
-    if stages is not None and bound is not None:
+    if by_stage is not None and bound is not None:
         result.head_bound = columns
-        _score_bounded(pm, rest, live(others), bound, _by_stage(pm, chosen, len(stages)), cost, on_progress,
-                       first_states, batch=batch, journal=journal.scope("bounded"))
+        _score_bounded(pm, rest, live(others), bound, by_stage, cost, on_progress, first_states, batch=batch,
+                       journal=journal.scope("bounded"))
         return result
     _score_windows(pm, rest, live(others), bound, cost, on_progress, batch=batch, journal=journal.scope("others"))
     return result
 
 
-def _by_stage(pm: PrunableModel, chosen: Sequence[Sequence[torch.Tensor]], stages: int) -> list[list[torch.Tensor]]:
-    """Per-window head-bound columns (`chosen[i][stage]`) as `_score_bounded` takes them, on the head's device."""
+@torch.no_grad()
+def _score_seed(pm: PrunableModel, windows: Sequence[torch.Tensor], score: Score, columns: int, cost: Cost,
+                on_progress: Callable[..., None] | None = None, batch: int = 1,
+                journal: Scope = NO_JOURNAL.scope("")) -> list[list[torch.Tensor]] | None:
+    """Add `windows` to the score whose total bounds the others (a seed, an incumbent), and
+    return the head-bound columns its logits choose there: per stage of `bound_stages` (N =
+    `columns`), per window, on the head's device, as `_score_bounded` takes them; None where
+    the bound is off (`columns` 0) or there are no windows."""
+    stages = bound_stages(pm, columns) if columns and windows else None
+    chosen: list = []  # per window, the columns at each stage
+    _score_windows(pm, windows, [score], None, cost, on_progress, mass_stages=stages, columns=chosen, batch=batch,
+                   journal=journal)
+    if stages is None:
+        return None
     device = get_path(pm.model, pm.adapter.lm_head).weight.device
-    return [[per_window[k].to(device) for per_window in chosen] for k in range(stages)]
+    return [[per_window[k].to(device) for per_window in chosen] for k in range(len(stages))]
 
 
 @torch.no_grad()
@@ -562,13 +571,10 @@ def score_incumbent(pm: PrunableModel, windows: Sequence[torch.Tensor], block: s
     """The model without `pm.removed` and `block` over every window, and the head-bound columns
     its logits choose per window (None where the bound is off): the total and the columns that
     `score_against` bounds other removal sets with (the refinements' incumbent)."""
-    columns = usable_head_bound(pm, head_bound)
-    stages = bound_stages(pm, columns) if columns and windows else None
-    chosen: list = []
     score = Score(block)
-    _score_windows(pm, windows, [score], None, cost if cost is not None else Cost(), mass_stages=stages,
-                   columns=chosen, batch=batch, journal=journal)
-    return score, (_by_stage(pm, chosen, len(stages)) if stages is not None else None)
+    columns = _score_seed(pm, windows, score, usable_head_bound(pm, head_bound), cost if cost is not None else Cost(),
+                          batch=batch, journal=journal)
+    return score, columns
 
 
 @torch.no_grad()

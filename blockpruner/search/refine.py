@@ -133,20 +133,24 @@ def replaced(removed: Sequence[str], out: str, into: str) -> list[str]:
 def score_set(pm: PrunableModel, windows: Sequence, removed: Sequence[str], bound: float | None = None,
               columns: list | None = None, *, early_stop: bool = True, cost: Cost, batch: int = 1,
               journal: Scope = NO_JOURNAL.scope(""), on_progress: Progress | None = None) -> Score:
-    """The NLL of the model without `removed` on `windows` (against `bound`, as `score_against`):
-    the last of them in block order is scored as a candidate on top of the others."""
-    last = max(removed, key=block_index)
-    pm.set_removed([b for b in removed if b != last])
+    """The NLL of the model without `removed` on `windows` (against `bound`, as `score_against`)."""
+    last = _on_top(pm, removed)
     return score_against(pm, windows, [last], bound, columns, early_stop=early_stop, cost=cost, batch=batch,
                          journal=journal, on_progress=on_progress)[last]
+
+
+def _on_top(pm: PrunableModel, removed: Sequence[str]) -> str:
+    """Remove all of `removed` but its last block in block order, which is returned: the set is
+    scored as that candidate on top of the others (the engine scores candidates, not sets)."""
+    last = max(removed, key=block_index)
+    pm.set_removed([b for b in removed if b != last])
+    return last
 
 
 def incumbent(pm: PrunableModel, windows: Sequence, removed: Sequence[str], settings: RefineSettings, cost: Cost,
               journal: Scope) -> tuple[Score, list | None]:
     """The set's total NLL on `windows` and its head-bound columns there (`exact.score_incumbent`)."""
-    last = max(removed, key=block_index)
-    pm.set_removed([b for b in removed if b != last])
-    return score_incumbent(pm, windows, last, head_bound=settings.head_bound_columns, cost=cost,
+    return score_incumbent(pm, windows, _on_top(pm, removed), head_bound=settings.head_bound_columns, cost=cost,
                            batch=settings.window_batch, journal=journal)
 
 

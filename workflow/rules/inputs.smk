@@ -118,17 +118,20 @@ def refine_regex():
     return "|".join(map(re.escape, REFINE_METHODS)) if REFINE_METHODS else NEVER
 
 
+def refined_search(wildcards):
+    """A refinement's wildcards with its method replaced by the search it refines (`from`)."""
+    return Namespace(model=wildcards.model, calib=wildcards.calib, method=config["methods"][wildcards.method]["from"],
+                     pruning=wildcards.pruning)
+
+
 def refine_start(wildcards):
     """The steps of the refined search that a pruning starts from (as pruning_steps gives them)."""
-    base = config["methods"][wildcards.method]["from"]
-    return pruning_steps(Namespace(model=wildcards.model, calib=wildcards.calib, method=base, pruning=wildcards.pruning))
+    return pruning_steps(refined_search(wildcards))
 
 
 def refine_start_option(wildcards, input):
     """`--step FILE` (a K target) or `--steps FILES --ratio R` (a ratio target): the set to refine."""
-    base = config["methods"][wildcards.method]["from"]
-    return pruning_option(Namespace(model=wildcards.model, calib=wildcards.calib, method=base,
-                                    pruning=wildcards.pruning), input)
+    return pruning_option(refined_search(wildcards), input)
 
 
 def refine_arguments(wildcards):
